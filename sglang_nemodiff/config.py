@@ -1,0 +1,139 @@
+"""`NemotronLabsDiffusionConfig`: the HF config of NLD checkpoints, without remote code.
+
+Field names follow the real checkpoints (NLD_SPEC §1). RoPE values live in `rope_parameters`
+(transformers 5.x layout); a legacy top-level `rope_theta` / `rope_scaling` is folded into it.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+MODEL_TYPE = "nemotron_labs_diffusion"
+ARCHITECTURE = "NemotronLabsDiffusionModel"
+
+DEFAULT_ROPE_PARAMETERS = {
+    "rope_type": "yarn",
+    "rope_theta": 1_000_000.0,
+    "factor": 16.0,
+    "original_max_position_embeddings": 16384,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "llama_4_scaling_beta": 0.1,
+}
+
+# Fields a checkpoint's config.json must state: the model cannot be built without them.
+REQUIRED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "mask_token_id",
+)
+
+
+class NemotronLabsDiffusionConfig(PretrainedConfig):
+    model_type = MODEL_TYPE
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 131072,
+        hidden_size: int = 4096,
+        intermediate_size: int = 14336,
+        num_hidden_layers: int = 34,
+        num_attention_heads: int = 32,
+        num_key_value_heads: int = 8,
+        head_dim: int | None = 128,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 262144,
+        rms_norm_eps: float = 1e-5,
+        rope_parameters: dict | None = None,
+        attention_bias: bool = False,
+        mask_token_id: int = 100,
+        block_size: int = 32,
+        dlm_paradigm: str = "bidirectional",
+        ar_mode: bool = False,
+        bos_token_id: int = 1,
+        eos_token_id: int = 11,
+        pad_token_id: int | None = None,
+        tie_word_embeddings: bool = False,
+        **kwargs,
+    ):
+        rope = dict(DEFAULT_ROPE_PARAMETERS)
+        # Legacy layouts: top-level rope_theta / rope_scaling (transformers 4.x configs).
+        legacy_scaling = kwargs.pop("rope_scaling", None) or {}
+        rope.update({k: v for k, v in legacy_scaling.items() if k != "type"})
+        if "rope_theta" in kwargs:
+            rope["rope_theta"] = kwargs.pop("rope_theta")
+        if rope_parameters:
+            rope.update(rope_parameters)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_parameters = rope
+        self.attention_bias = attention_bias
+        self.mask_token_id = mask_token_id
+        self.block_size = block_size
+        self.dlm_paradigm = dlm_paradigm
+        self.ar_mode = ar_mode
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        if not self.architectures:
+            self.architectures = [ARCHITECTURE]
+
+    # SGLang's Llama-family code reads `rope_theta` / `rope_scaling` attributes.
+    @property
+    def rope_theta(self) -> float:
+        return float(self.rope_parameters["rope_theta"])
+
+    @property
+    def rope_scaling(self) -> dict:
+        return self.rope_parameters
+
+
+# The real configs (NLD_SPEC §1); vocab 131072, GQA 32/8, head_dim 128.
+REAL_CONFIGS = {
+    "3B": dict(hidden_size=3072, num_hidden_layers=26, intermediate_size=9216),
+    "8B": dict(hidden_size=4096, num_hidden_layers=34, intermediate_size=14336),
+    "14B": dict(hidden_size=5120, num_hidden_layers=40, intermediate_size=16384),
+}
+
+
+def real_config(size: str, **overrides) -> NemotronLabsDiffusionConfig:
+    return NemotronLabsDiffusionConfig(**REAL_CONFIGS[size], **overrides)
+
+
+def validate_config_dict(raw: dict, source: str = "config.json") -> None:
+    """Fail with the name of the first missing/wrong field of a raw config.json dict."""
+    missing = [f for f in REQUIRED_FIELDS if f not in raw]
+    if missing:
+        raise ValueError(
+            f"{source}: Nemotron-Labs Diffusion config is missing required field(s) "
+            f"{', '.join(missing)}"
+        )
+    for field in REQUIRED_FIELDS:
+        if not isinstance(raw[field], int) or isinstance(raw[field], bool):
+            raise ValueError(f"{source}: field {field} must be an integer, got {raw[field]!r}")
+    if raw["num_attention_heads"] % raw["num_key_value_heads"]:
+        raise ValueError(
+            f"{source}: num_attention_heads ({raw['num_attention_heads']}) must be a multiple "
+            f"of num_key_value_heads ({raw['num_key_value_heads']})"
+        )
+    if not 0 <= raw["mask_token_id"] < raw["vocab_size"]:
+        raise ValueError(f"{source}: mask_token_id {raw['mask_token_id']} outside the vocabulary")

@@ -1,0 +1,21 @@
+"""Plain-PyTorch oracle of the NLD forward and its generation modes, written from NLD_SPEC.
+
+Independent of SGLang (imports torch, safetensors and the config class only), usable on CPU and GPU.
+"""
+
+from sglang_nemodiff.reference.model import KVCache, NLDReference
+from sglang_nemodiff.reference.generate import (
+    GenerationResult,
+    ar_generate,
+    fastdiffuser_generate,
+    linearspec_generate,
+)
+
+__all__ = [
+    "KVCache",
+    "NLDReference",
+    "GenerationResult",
+    "ar_generate",
+    "fastdiffuser_generate",
+    "linearspec_generate",
+]
