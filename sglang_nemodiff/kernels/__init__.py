@@ -1,0 +1,37 @@
+"""Triton kernels (and their PyTorch references) for NLD serving.
+
+Self-contained: imports only torch and triton (never sglang), so the kernels and
+launch/bench_kernels.py run on a GPU machine without SGLang installed.
+"""
+
+from .confidence import (
+    confidence_argmax,
+    confidence_argmax_reference,
+    fastdiffuser_commit,
+    fastdiffuser_commit_reference,
+    linearspec_accept,
+    linearspec_accept_reference,
+)
+from .structured_attention import (
+    BLOCK_BIDIRECTIONAL,
+    CAUSAL,
+    QUADRATIC,
+    build_mask,
+    structured_attention,
+    structured_attention_reference,
+)
+
+__all__ = [
+    "CAUSAL",
+    "BLOCK_BIDIRECTIONAL",
+    "QUADRATIC",
+    "build_mask",
+    "structured_attention",
+    "structured_attention_reference",
+    "confidence_argmax",
+    "confidence_argmax_reference",
+    "fastdiffuser_commit",
+    "fastdiffuser_commit_reference",
+    "linearspec_accept",
+    "linearspec_accept_reference",
+]
