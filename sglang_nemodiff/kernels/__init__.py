@@ -16,7 +16,9 @@ from .structured_attention import (
     BLOCK_BIDIRECTIONAL,
     CAUSAL,
     QUADRATIC,
+    attention_launch_shape,
     build_mask,
+    plan_num_splits,
     structured_attention,
     structured_attention_reference,
 )
@@ -26,6 +28,8 @@ __all__ = [
     "BLOCK_BIDIRECTIONAL",
     "QUADRATIC",
     "build_mask",
+    "plan_num_splits",
+    "attention_launch_shape",
     "structured_attention",
     "structured_attention_reference",
     "confidence_argmax",

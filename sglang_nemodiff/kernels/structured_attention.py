@@ -187,33 +187,32 @@ def _structured_attn_fwd(
         i2 = m_idx[:, None]
         blk = tl.where(i2 >= bs, (i2 - bs) // bs, 0)
         blk_start = bs + blk * bs
-        for rng in tl.static_range(2):
-            if rng == 0:
-                lo = 0
-                hi = e1_hi
-            else:
-                lo = e2_lo
-                hi = e2_hi
-            for start in range(lo, hi, BLOCK_N):
-                cols = start + offs_n
-                c_ok = cols < hi
-                j2 = cols[None, :]
-                causal = j2 <= i2
-                quad = tl.where(i2 < bs, causal,
-                                (j2 < blk) | ((j2 >= blk_start) & (j2 < blk_start + bs)))
-                vis = tl.where(kind == 0, causal, tl.where(kind == 1, j2 >= 0, quad))
-                vis = vis & c_ok[None, :]
-                ktok = ext_start + cols.to(tl.int64)
-                kv_mask = c_ok[:, None] & d_ok[None, :]
-                k = tl.load(K_new + ktok[:, None] * stride_knt + kvh * stride_knh
-                            + offs_d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(V_new + ktok[:, None] * stride_vnt + kvh * stride_vnh
-                            + offs_d[None, :], mask=kv_mask, other=0.0)
-                if DOT_FP32:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
-                acc, l_i, m_i = _online_softmax_tile(acc, l_i, m_i, q, k, v, vis, qk_scale,
-                                                     DOT_FP32)
+        # One loop over the tiles of range 1 then range 2 (no static unrolling needed).
+        n1 = tl.cdiv(e1_hi, BLOCK_N)
+        n_tiles = n1 + tl.cdiv(e2_hi - e2_lo, BLOCK_N)
+        for t in range(0, n_tiles):
+            in_r1 = t < n1
+            start = tl.where(in_r1, t * BLOCK_N, e2_lo + (t - n1) * BLOCK_N)
+            hi = tl.where(in_r1, e1_hi, e2_hi)
+            cols = start + offs_n
+            c_ok = cols < hi
+            j2 = cols[None, :]
+            causal = j2 <= i2
+            quad = tl.where(i2 < bs, causal,
+                            (j2 < blk) | ((j2 >= blk_start) & (j2 < blk_start + bs)))
+            vis = tl.where(kind == 0, causal, tl.where(kind == 1, j2 >= 0, quad))
+            vis = vis & c_ok[None, :]
+            ktok = ext_start + cols.to(tl.int64)
+            kv_mask = c_ok[:, None] & d_ok[None, :]
+            k = tl.load(K_new + ktok[:, None] * stride_knt + kvh * stride_knh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            v = tl.load(V_new + ktok[:, None] * stride_vnt + kvh * stride_vnh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            if DOT_FP32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            acc, l_i, m_i = _online_softmax_tile(acc, l_i, m_i, q, k, v, vis, qk_scale,
+                                                 DOT_FP32)
 
     # ---- 3. epilogue. Padding rows (and, for empty splits, every row) have l_i == 0.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -275,6 +274,26 @@ def _pick_config(dtype: torch.dtype, head_dim: int, interpret: bool):
         return 64, 32, 4, 2
     # 16-bit, D <= 128: the FA-tutorial Hopper/Ampere shape (128 x 64 tiles, 8 warps).
     return 128, 64, 8, 2
+
+
+def plan_num_splits(base_programs: int, max_prefix_len: int, sm_count: int) -> int:
+    """Prefix split count for split-KV: only when the query tiles alone (``base_programs`` =
+    query tiles x requests x KV heads) cannot fill ~2 programs per SM and the prefix is long.
+    Each split keeps >= 512 prefix keys so the fp32 partial-output traffic stays small next to
+    the K/V bytes it reads."""
+    target = 2 * sm_count
+    if base_programs >= target or max_prefix_len < 1024:
+        return 1
+    return max(1, min(target // base_programs, max_prefix_len // 512, 64))
+
+
+def attention_launch_shape(q_dtype, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                           batch: int, max_extend_len: int, interpret: bool = False):
+    """(query tokens per tile, programs before splitting) the launcher will use (for the bench)."""
+    gp = triton.next_power_of_2(num_q_heads // num_kv_heads)
+    block_r = max(_pick_config(q_dtype, head_dim, interpret)[0], gp)
+    block_m = block_r // gp
+    return block_m, triton.cdiv(max_extend_len, block_m) * batch * num_kv_heads
 
 
 def _as_kind_tensor(mask_kind, batch: int, device) -> torch.Tensor:
@@ -345,12 +364,8 @@ def structured_attention(
         num_splits = 1
         if not interpret:
             if max_prefix_len is None:
-                max_prefix_len = int(prefix_lens.max())
-            target = 2 * _sm_count(q.device)
-            if base_programs < target and max_prefix_len >= 1024:
-                # >= 512 prefix keys per split keeps the fp32 partial-output traffic small
-                # compared with the K/V bytes each split reads.
-                num_splits = max(1, min(target // base_programs, max_prefix_len // 512, 64))
+                max_prefix_len = int(prefix_lens.max())  # host sync; pass the hint to avoid it
+            num_splits = plan_num_splits(base_programs, max_prefix_len, _sm_count(q.device))
     num_splits = max(1, int(num_splits))
 
     if num_splits > 1:
