@@ -144,7 +144,8 @@ def test_structured_attention_quadratic_block3_and_strided_q():
 
 
 def test_structured_attention_default_out_and_hints():
-    batch = _make_batch(5, 2, 1, 16, torch.float16, [4, 30], [8, 3])
+    # includes a request with no new tokens (extend_len 0)
+    batch = _make_batch(5, 2, 1, 16, torch.float16, [4, 30, 9], [8, 3, 0])
     ref = structured_attention_reference(**batch, mask_kind=CAUSAL, sm_scale=0.3)
     out = structured_attention(**batch, mask_kind=CAUSAL, sm_scale=0.3, max_extend_len=8,
                                max_prefix_len=30)

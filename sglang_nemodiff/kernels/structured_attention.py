@@ -322,7 +322,8 @@ def structured_attention(
     Shapes: q [T, Hq, D]; k_new/v_new [T, Hkv, D]; k_cache/v_cache [num_slots, Hkv, D];
     req_to_token [max_reqs, max_ctx]; req_pool_indices/prefix_lens/extend_start_loc/extend_lens
     [B]; mask_kind an int (one kind for the launch) or a [B] int tensor (per request). Returns out
-    [T, Hq, D] in q's dtype. Rows of q not covered by any request are left untouched.
+    [T, Hq, D] in q's dtype. Expects SGLang's dense extend layout (T == sum(extend_lens), each
+    request's new tokens at extend_start_loc[b] ..): rows outside every request are not defined.
 
     Optional host-side hints avoid device->host syncs: ``max_extend_len`` / ``max_prefix_len``
     (SGLang has them on the CPU already); ``num_splits`` forces the prefix split count.
@@ -334,6 +335,7 @@ def structured_attention(
     assert k_cache.shape[1:] == (Hkv, D) and v_cache.shape[1:] == (Hkv, D)
     assert q.dtype == k_new.dtype == v_new.dtype == k_cache.dtype == v_cache.dtype, \
         "q, k/v new and k/v cache must share a dtype"
+    assert int(block_size) >= 1
     B = req_pool_indices.shape[0]
     if out is None:
         out = torch.empty_like(q)
