@@ -139,7 +139,8 @@ def main():
         dev_name, n_sms = "CPU smoke test (Triton interpreter; timings meaningless)", 0
     header = (f"Device: {dev_name} ({n_sms} SMs), torch {torch.__version__}, "
               f"triton {triton.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s "
-              f"({nbytes >> 20} MiB copy, {copy_us:.0f} µs); median of {iters} calls after {warmup} warmup; "
+              f"({nbytes >> 20} MiB copy, {copy_us:.0f} µs); "
+              f"median of {iters} calls after {warmup} warmup; "
               f"L2 {'kept warm' if args.no_flush else 'flushed before each call'}.")
     print(header, flush=True)
     rows = []

@@ -58,7 +58,8 @@ def _make_batch(seed, Hq, Hkv, D, dtype, prefix_lens, ext_lens, max_ctx=64, extr
     k_cache = torch.randn(num_slots, Hkv, D, generator=g)
     v_cache = torch.randn(num_slots, Hkv, D, generator=g)
     # every request row gets a random, scattered set of slots
-    req_to_token = torch.randperm(num_slots, generator=g)[: n_rows * max_ctx].reshape(n_rows, max_ctx)
+    perm = torch.randperm(num_slots, generator=g)
+    req_to_token = perm[: n_rows * max_ctx].reshape(n_rows, max_ctx)
     req_pool_indices = torch.randperm(n_rows, generator=g)[:B]
     starts = [0]
     for e in ext_lens[:-1]:

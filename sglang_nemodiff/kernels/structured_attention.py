@@ -99,11 +99,10 @@ def _structured_attn_fwd(
     stride_r2t,
     stride_ps, stride_pt, stride_ph,
     stride_ls, stride_lt,
-    G: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    BLOCK_R: tl.constexpr = BLOCK_M * GP
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -267,7 +266,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _pick_config(dtype: torch.dtype, head_dim: int, interpret: bool):
-    """Fixed (autotune-free) tile configs. Returns (BLOCK_R rows, BLOCK_N, num_warps, num_stages)."""
+    """Fixed (autotune-free) tile configs -> (BLOCK_R rows, BLOCK_N, num_warps, num_stages)."""
     if interpret:
         return 16, 16, 1, 1
     if dtype == torch.float32 or head_dim > 128:
@@ -299,7 +298,8 @@ def attention_launch_shape(q_dtype, num_q_heads: int, num_kv_heads: int, head_di
 def _as_kind_tensor(mask_kind, batch: int, device) -> torch.Tensor:
     if isinstance(mask_kind, torch.Tensor):
         if mask_kind.dim() == 0:
-            return mask_kind.to(device=device, dtype=torch.int32).reshape(1).expand(batch).contiguous()
+            kind = mask_kind.to(device=device, dtype=torch.int32).reshape(1)
+            return kind.expand(batch).contiguous()
         assert mask_kind.shape == (batch,), "mask_kind tensor must be [B]"
         return mask_kind.to(device=device, dtype=torch.int32).contiguous()
     kind = int(mask_kind)
@@ -390,7 +390,8 @@ def structured_attention(
         req_to_token.stride(0),
         ps[0], ps[1], ps[2],
         ls[0], ls[1],
-        G=G, GP=GP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=D, BLOCK_D=BLOCK_D,
+        G=G, GP=GP, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_M * GP, BLOCK_N=BLOCK_N, HEAD_DIM=D,
+        BLOCK_D=BLOCK_D,
         NUM_SPLITS=num_splits, DOT_FP32=(interpret or q.dtype == torch.float32),
         num_warps=num_warps, num_stages=num_stages,
     )
