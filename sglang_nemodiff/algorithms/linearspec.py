@@ -1,0 +1,29 @@
+"""LinearSpec (NLD_SPEC §3): one bidirectional draft pass fills every mask (draft LoRA on), one
+causal verify pass (base weights) accepts the longest prefix of drafts equal to the causal argmax;
+the argmax after it is the bonus token and next seed. Exactly 2 forwards per block, lossless
+at temperature 0: every emitted token is a causal argmax."""
+
+from __future__ import annotations
+
+from sglang_nemodiff.algorithms.base import NLDBlockAlgorithm, confidence_argmax
+
+
+class NemodiffLinearSpec(NLDBlockAlgorithm):
+    mode_name = "linearspec"
+
+    def fill_block(self, model_runner, forward_batch, block):
+        forward_batch.nemodiff_draft_lora = True
+        out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
+        forward_batch.nemodiff_draft_lora = False
+        draft, _ = confidence_argmax(out.logits_output.full_logits.view(*block.shape, -1), self.mask_id)
+        block[:, 1:] = draft[:, 1:]
+        return 1, out
+
+    def accept(self, block, causal_argmax):
+        # Draft i (i >= 1) is accepted while it equals the causal argmax of slot i-1.
+        matches = (block[:, 1:] == causal_argmax[:, :-1]).int()
+        accepted = matches.cumprod(dim=1).sum(dim=1)
+        return accepted + 1, accepted
+
+
+Algorithm = NemodiffLinearSpec
