@@ -5,8 +5,10 @@ scaling read from `rope_parameters`, untied `diffusion_head`, real HF tensor nam
 
 Each layer owns two RadixAttention views of one KV layer: `attn` (causal) and `attn_bidir`
 (ENCODER_ONLY: the block sees the cached prefix and all of itself). A forward is causal unless it
-is a DLLM_EXTEND batch whose algorithm has not asked for causal attention (`nemodiff_causal`).
-The draft-only LoRA on `o_proj` runs when the algorithm sets `nemodiff_draft_lora`.
+is a DLLM_EXTEND batch and the algorithm has not asked for a causal pass. Algorithms choose per
+forward through `model.pass_options` (shared by all layers; SGLang may hand the model a copy of
+the ForwardBatch, so a flag on the batch would not reach it). The draft-only LoRA on `o_proj`
+runs when `pass_options.draft_lora` is set.
 """
 
 from __future__ import annotations
@@ -43,15 +45,27 @@ logger = logging.getLogger(__name__)
 LORA_DIR = "linear_spec_lora"
 
 
-def uses_causal_attention(forward_batch: ForwardBatch) -> bool:
-    if not forward_batch.forward_mode.is_dllm_extend():
-        return True
-    return bool(getattr(forward_batch, "nemodiff_causal", False))
+class PassOptions:
+    """What the next forward should do; set by the algorithms around `model_runner.forward`."""
+
+    def __init__(self, ar_mode: bool = False):
+        self.ar_mode = ar_mode  # the checkpoint's `ar_mode` flag: every pass causal
+        self.causal: Optional[bool] = None  # None: causal unless a DLLM_EXTEND batch
+        self.draft_lora = False
+
+    def uses_causal_attention(self, forward_batch: ForwardBatch) -> bool:
+        if self.ar_mode:
+            return True
+        if self.causal is not None:
+            return self.causal
+        return not forward_batch.forward_mode.is_dllm_extend()
 
 
 class NLDAttention(nn.Module):
-    def __init__(self, config, layer_id: int, quant_config=None, prefix: str = ""):
+    def __init__(self, config, layer_id: int, pass_options: PassOptions, quant_config=None,
+                 prefix: str = ""):
         super().__init__()
+        self.pass_options = pass_options
         tp_size = get_parallel().tp_size
         self.total_heads = config.num_attention_heads
         self.total_kv_heads = config.num_key_value_heads
@@ -99,10 +113,10 @@ class NLDAttention(nn.Module):
                 torch.floor(positions.to(torch.float32) / self.original_max))
             q = (q.view(-1, self.num_heads, self.head_dim) * scale.to(q.dtype)[:, None, None]
                  ).view(-1, self.q_size)
-        attn = self.attn if uses_causal_attention(forward_batch) else self.attn_bidir
+        attn = self.attn if self.pass_options.uses_causal_attention(forward_batch) else self.attn_bidir
         attn_out = attn(q, k, v, forward_batch)
         out, _ = self.o_proj(attn_out)
-        if self.draft_lora_a is not None and getattr(forward_batch, "nemodiff_draft_lora", False):
+        if self.draft_lora_a is not None and self.pass_options.draft_lora:
             low_rank, _ = self.draft_lora_a(attn_out)
             delta, _ = self.draft_lora_b(low_rank)
             out = out + delta * self.draft_lora_scale
@@ -130,9 +144,11 @@ class NLDMLP(nn.Module):
 
 
 class NLDDecoderLayer(nn.Module):
-    def __init__(self, config, layer_id: int, quant_config=None, prefix: str = ""):
+    def __init__(self, config, layer_id: int, pass_options: PassOptions, quant_config=None,
+                 prefix: str = ""):
         super().__init__()
-        self.self_attn = NLDAttention(config, layer_id, quant_config, f"{prefix}.self_attn")
+        self.self_attn = NLDAttention(config, layer_id, pass_options, quant_config,
+                                      f"{prefix}.self_attn")
         self.mlp = NLDMLP(config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -151,12 +167,12 @@ class NLDDecoderLayer(nn.Module):
 class NLDEncoder(nn.Module):
     """The decoder stack; named `encoder` in the real checkpoints."""
 
-    def __init__(self, config, quant_config=None, prefix: str = "encoder"):
+    def __init__(self, config, pass_options: PassOptions, quant_config=None, prefix: str = "encoder"):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    prefix=f"{prefix}.embed_tokens")
         self.layers = nn.ModuleList(
-            NLDDecoderLayer(config, i, quant_config, f"{prefix}.layers.{i}")
+            NLDDecoderLayer(config, i, pass_options, quant_config, f"{prefix}.layers.{i}")
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -174,7 +190,8 @@ class NemotronLabsDiffusionModel(nn.Module):
         super().__init__()
         self.config = config
         self.quant_config = quant_config
-        self.encoder = NLDEncoder(config, quant_config)
+        self.pass_options = PassOptions(ar_mode=bool(getattr(config, "ar_mode", False)))
+        self.encoder = NLDEncoder(config, self.pass_options, quant_config)
         self.diffusion_head = ParallelLMHead(config.vocab_size, config.hidden_size,
                                              quant_config=quant_config, prefix="diffusion_head")
         # All positions' logits in DLLM_EXTEND batches, the last position's otherwise.

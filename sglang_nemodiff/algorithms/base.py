@@ -96,13 +96,9 @@ class NLDBlockAlgorithm(DllmAlgorithm):
             eos = model_runner.model_config.hf_config.eos_token_id
             self.eos_id = eos[0] if isinstance(eos, (list, tuple)) else eos
         block = forward_batch.input_ids.view(bs, self.block_size)
-        forward_batch.nemodiff_causal = False
-        forwards, out = self.fill_block(model_runner, forward_batch, block)
+        forwards = self.fill_block(model_runner, forward_batch, block)
         # One causal pass over the finished block: causal KV for every slot, argmax per slot.
-        forward_batch.nemodiff_causal = True
-        forward_batch.nemodiff_draft_lora = False
-        out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
-        forward_batch.nemodiff_causal = False
+        out = self.forward_pass(model_runner, forward_batch, causal=True)
         causal_argmax = out.logits_output.full_logits.view(bs, self.block_size, -1).argmax(-1)
         keep, accepted = self.accept(block, causal_argmax)
         bonus = causal_argmax.gather(1, (keep - 1)[:, None])
@@ -117,6 +113,15 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         stats = [{"forwards": forwards + 1, "keep": keep_list[i], "accepted": accepted_list[i]}
                  for i in range(bs)]
         return out.logits_output, tokens, None, stats, out.can_run_graph
+
+    @staticmethod
+    def forward_pass(model_runner, forward_batch, causal: bool, draft_lora: bool = False):
+        options = model_runner.model.pass_options
+        options.causal, options.draft_lora = causal, draft_lora
+        try:
+            return model_runner.forward(forward_batch, pp_proxy_tensors=None)
+        finally:
+            options.causal, options.draft_lora = None, False
 
     # Subclasses: fill `block` [bs, B] in place with bidirectional passes; return forwards used.
     def fill_block(self, model_runner, forward_batch, block):

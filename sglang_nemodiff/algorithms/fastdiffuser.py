@@ -22,7 +22,7 @@ class NemodiffFastDiffuser(NLDBlockAlgorithm):
         masked[:, 0] = False  # the seed is committed
         forwards = 0
         while bool(masked.any()):  # one host sync per step, like the stock dLLM loop
-            out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
+            out = self.forward_pass(model_runner, forward_batch, causal=False)
             forwards += 1
             logits = out.logits_output.full_logits.view(*block.shape, -1)
             x0, confidence = confidence_argmax(logits, self.mask_id)
@@ -41,7 +41,7 @@ class NemodiffFastDiffuser(NLDBlockAlgorithm):
                 frozen = (first_eos < self.block_size) & ~masks_before
                 block.copy_(torch.where(frozen & (positions > first_eos), self.eos_id, block))
                 masked &= ~frozen
-        return forwards, out
+        return forwards
 
     def accept(self, block, causal_argmax):
         keep = torch.full((block.shape[0],), self.block_size, device=block.device)

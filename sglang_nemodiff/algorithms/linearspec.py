@@ -12,12 +12,10 @@ class NemodiffLinearSpec(NLDBlockAlgorithm):
     mode_name = "linearspec"
 
     def fill_block(self, model_runner, forward_batch, block):
-        forward_batch.nemodiff_draft_lora = True
-        out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
-        forward_batch.nemodiff_draft_lora = False
+        out = self.forward_pass(model_runner, forward_batch, causal=False, draft_lora=True)
         draft, _ = confidence_argmax(out.logits_output.full_logits.view(*block.shape, -1), self.mask_id)
         block[:, 1:] = draft[:, 1:]
-        return 1, out
+        return 1
 
     def accept(self, block, causal_argmax):
         # Draft i (i >= 1) is accepted while it equals the causal argmax of slot i-1.
