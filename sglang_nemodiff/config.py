@@ -97,6 +97,12 @@ class NemotronLabsDiffusionConfig(PretrainedConfig):
         if not self.architectures:
             self.architectures = [ARCHITECTURE]
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # Loading a checkpoint: name the missing/wrong field instead of silently defaulting it.
+        validate_config_dict(config_dict)
+        return super().from_dict(config_dict, **kwargs)
+
     # SGLang's Llama-family code reads `rope_theta` / `rope_scaling` attributes.
     @property
     def rope_theta(self) -> float:

@@ -71,6 +71,8 @@ class NLDBlockAlgorithm(DllmAlgorithm):
             unsupported.append("logprobs")
         if req.custom_logit_processor:
             unsupported.append("custom_logit_processor")
+        if (sp.n or 1) > 1:
+            unsupported.append(f"n={sp.n} (parallel sampling)")
         if sp.max_new_tokens == 0:
             unsupported.append("max_new_tokens=0 (prompt scoring, e.g. sgl.select)")
         if not unsupported:

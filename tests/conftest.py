@@ -1,0 +1,133 @@
+"""Shared fixtures: tiny NLD checkpoints in the real HF layout, the reference oracle, and real
+SGLang servers (one per checkpoint and mode, started on first use, shared by the session)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CPU_ARGS = ("--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32",
+            "--max-total-tokens", "8192", "--skip-server-warmup")
+# A request's leaked KV slot turns into a hard error at idle (SGLANG_SEAMS.md).
+SERVER_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+PROMPT_TEXTS = [
+    "def add(a, b):",
+    "import os\nimport sys\n\nclass Config:\n    def __init__(self, path):",
+    "The quick brown fox",
+    "for i in range(10):\n    print(i * i)\n" * 3,
+    "x",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "SELECT name, age FROM users WHERE age > 30 ORDER BY",
+    "# Compute the factorial of n recursively\ndef factorial(n):\n    if n <= 1:\n        return 1\n" * 2,
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random tiny NLD checkpoint with a draft LoRA (`linear_spec_lora/`)."""
+    from sglang_nemodiff.checkpoint import write_random_checkpoint
+
+    return write_random_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny-nld"), seed=0,
+                                   lora_rank=8)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def prompts(tokenizer):
+    """Eight prompts of different lengths, as token ids (1 to ~100 tokens)."""
+    return [tokenizer(text).input_ids for text in PROMPT_TEXTS]
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_checkpoint):
+    from sglang_nemodiff.reference import NLDReference
+
+    return NLDReference.from_pretrained(tiny_checkpoint)
+
+
+class ServerPool:
+    def __init__(self, log_dir):
+        self.log_dir = log_dir
+        self.servers = {}
+
+    def get(self, model_path: str, algorithm: str, *extra: str):
+        from sglang_nemodiff.speedbench import ManagedServer
+
+        key = (model_path, algorithm, extra)
+        if key not in self.servers:
+            name = f"{os.path.basename(model_path)}-{algorithm}-{len(self.servers)}.log"
+            server = ManagedServer(model_path, algorithm, [*CPU_ARGS, *extra],
+                                   log_path=str(self.log_dir / name),
+                                   env={**os.environ, **SERVER_ENV})
+            server.start()
+            try:
+                server.wait_ready(timeout=600)
+            except Exception:
+                server.stop()
+                raise
+            self.servers[key] = server
+        return self.servers[key]
+
+    def stop_all(self):
+        for server in self.servers.values():
+            server.stop()
+        self.servers.clear()
+
+
+@pytest.fixture(scope="session")
+def server_pool(tmp_path_factory):
+    pool = ServerPool(tmp_path_factory.mktemp("server-logs"))
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture(scope="session")
+def ar_server(server_pool, tiny_checkpoint):
+    return server_pool.get(tiny_checkpoint, "ar")
+
+
+@pytest.fixture(scope="session")
+def linearspec_server(server_pool, tiny_checkpoint):
+    return server_pool.get(tiny_checkpoint, "linearspec")
+
+
+@pytest.fixture(scope="session")
+def fastdiffuser_server(server_pool, tiny_checkpoint):
+    return server_pool.get(tiny_checkpoint, "fastdiffuser")
+
+
+def generate(server, input_ids, max_new_tokens=24, **params):
+    """Greedy /generate; returns the JSON response."""
+    import requests
+
+    payload = {"input_ids": input_ids,
+               "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, **params}}
+    response = requests.post(server.url + "/generate", json=payload, timeout=300)
+    response.raise_for_status()
+    return response.json()
+
+
+def generate_many(server, prompts, max_new_tokens=24, **params):
+    """All prompts at once (concurrently), responses in prompt order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(lambda ids: generate(server, ids, max_new_tokens, **params), prompts))
+
+
+def meta(response, key):
+    """A plugin meta_info value (request-level values arrive as one-element lists)."""
+    value = response["meta_info"].get(key)
+    return value[-1] if isinstance(value, list) else value
+
+
