@@ -1,0 +1,146 @@
+"""LinearSpec through the real SGLang runtime: identical to AR, 2 forwards per block, radix cache,
+draft LoRA, robustness (stop strings, streaming, 400s, aborts)."""
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from conftest import generate, generate_many, meta
+from sglang_nemodiff.reference import ar_generate, linearspec_generate
+
+pytestmark = pytest.mark.slow
+
+
+def test_equals_ar_batch1_and_concurrent(linearspec_server, reference, prompts):
+    """The core promise: LinearSpec output == AR greedy, one by one and 8 at a time."""
+    expected = [ar_generate(reference, ids, 40, eos_id=11).tokens for ids in prompts]
+    sequential = [generate(linearspec_server, ids, 40) for ids in prompts]
+    assert [r["output_ids"] for r in sequential] == expected
+    concurrent = generate_many(linearspec_server, prompts, 40)
+    assert [r["output_ids"] for r in concurrent] == expected
+    for ids, response in zip(prompts, sequential):
+        ref = linearspec_generate(reference, ids, 40, eos_id=11)  # draft LoRA on, as served
+        assert meta(response, "nemodiff_algorithm") == "linearspec"
+        # Exactly 2 forwards per block (+1 prefill), the same blocks as the oracle.
+        assert meta(response, "nemodiff_forwards") == ref.forwards == 1 + 2 * meta(response, "nemodiff_blocks")
+        assert meta(response, "nemodiff_tokens_per_forward") == pytest.approx(ref.tokens_per_forward, abs=1e-3)
+        assert meta(response, "nemodiff_accept_length") == pytest.approx(
+            sum(ref.accept_lengths) / len(ref.accept_lengths) + 1, abs=1e-3)
+
+
+def test_shared_prefix_reuses_radix_cache(linearspec_server, ar_server, tokenizer):
+    shared = tokenizer("# Shared header for both requests\n" + "value = compute(x, y)\n" * 8).input_ids
+    assert len(shared) >= 64
+    first = shared + tokenizer("print('first')").input_ids
+    second = shared + tokenizer("print('second one')").input_ids
+    out_first = generate(linearspec_server, first, 24)
+    out_second = generate(linearspec_server, second, 24)
+    assert out_second["meta_info"]["cached_tokens"] >= 64
+    assert out_first["output_ids"] == generate(ar_server, first, 24)["output_ids"]
+    assert out_second["output_ids"] == generate(ar_server, second, 24)["output_ids"]
+    again = generate(linearspec_server, first, 24)
+    assert again["output_ids"] == out_first["output_ids"] and again["meta_info"]["cached_tokens"] > 0
+
+
+def test_stop_strings_max_tokens_and_eos_like_ar(linearspec_server, ar_server, prompts, tokenizer):
+    ids = prompts[5]
+    ar_text = generate(ar_server, ids, 40)["text"]
+    stop = ar_text[12:15]
+    assert stop
+    for params in ({"stop": [stop]}, {"max_new_tokens": 7}, {"max_new_tokens": 33},
+                   {"stop_token_ids": [generate(ar_server, ids, 40)["output_ids"][9]]}):
+        params = {"max_new_tokens": 40, **params}
+        n = params.pop("max_new_tokens")
+        ar = generate(ar_server, ids, n, **params)
+        spec = generate(linearspec_server, ids, n, **params)
+        assert spec["text"] == ar["text"] and spec["output_ids"] == ar["output_ids"], params
+        assert spec["meta_info"]["finish_reason"] == ar["meta_info"]["finish_reason"]
+        assert spec["meta_info"]["completion_tokens"] == ar["meta_info"]["completion_tokens"]
+
+
+def test_streaming_matches_non_streaming(linearspec_server, prompts):
+    ids = prompts[2]
+    full = generate(linearspec_server, ids, 40)
+    chunks = []
+    with requests.post(linearspec_server.url + "/generate", stream=True, timeout=300, json={
+            "input_ids": ids, "stream": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 40}}) as response:
+        for line in response.iter_lines():
+            if line.startswith(b"data:") and line != b"data: [DONE]":
+                chunks.append(json.loads(line[5:]))
+    assert len(chunks) > 1
+    assert chunks[-1]["text"] == full["text"]
+    assert chunks[-1]["output_ids"] == full["output_ids"]
+    assert chunks[-1]["meta_info"]["completion_tokens"] == 40
+
+
+@pytest.mark.parametrize("params, feature", [
+    ({"sampling_params": {"temperature": 0.7, "max_new_tokens": 8}}, "temperature"),
+    ({"sampling_params": {"temperature": 0, "max_new_tokens": 8}, "return_logprob": True}, "logprobs"),
+    ({"sampling_params": {"temperature": 0, "max_new_tokens": 8, "regex": "[a-z]+"}}, "regex"),
+    ({"sampling_params": {"temperature": 0, "max_new_tokens": 8,
+                          "json_schema": json.dumps({"type": "object"})}}, "json_schema"),
+    ({"sampling_params": {"temperature": 0, "max_new_tokens": 8, "n": 2}}, "n=2"),
+    ({"sampling_params": {"temperature": 0, "max_new_tokens": 0}}, "max_new_tokens=0"),
+])
+def test_unsupported_features_get_400(linearspec_server, params, feature):
+    response = requests.post(linearspec_server.url + "/generate", timeout=60,
+                             json={"text": "hello", **params})
+    assert response.status_code == 400, response.text
+    assert feature in response.text and "linearspec" in response.text
+
+
+def test_openai_logprobs_is_400(linearspec_server):
+    response = requests.post(linearspec_server.url + "/v1/completions", timeout=60, json={
+        "model": "x", "prompt": "hello", "max_tokens": 4, "temperature": 0, "logprobs": 2})
+    assert response.status_code == 400 and "logprobs" in response.text
+
+
+def test_aborted_requests_free_their_kv(linearspec_server, prompts):
+    """50 requests aborted mid-generation; the strict idle KV check would kill a leaking server."""
+    url = linearspec_server.url
+
+    def long_request(i):
+        try:
+            return requests.post(url + "/generate", timeout=120, json={
+                "rid": f"abort-{i}", "input_ids": prompts[i % len(prompts)],
+                "sampling_params": {"temperature": 0, "max_new_tokens": 2000}}).json()
+        except requests.RequestException as exc:
+            return {"error": str(exc)}
+
+    with ThreadPoolExecutor(50) as pool:
+        futures = [pool.submit(long_request, i) for i in range(50)]
+        time.sleep(3)
+        for i in range(50):
+            requests.post(url + "/abort_request", json={"rid": f"abort-{i}"}, timeout=30)
+        results = [f.result() for f in futures]
+    finished = [r["meta_info"]["finish_reason"]["type"] for r in results if "meta_info" in r]
+    assert finished.count("abort") >= 40, finished
+    time.sleep(3)  # idle: SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE checks the pool here
+    assert requests.get(url + "/health_generate", timeout=60).status_code == 200
+    assert len(generate(linearspec_server, prompts[0], 8)["output_ids"]) == 8
+
+
+def test_frontend_gen_works_select_fails_clearly(linearspec_server, ar_server):
+    import sglang as sgl
+
+    @sgl.function
+    def gen_program(s):
+        s += "def add(a, b):"
+        s += sgl.gen("body", max_tokens=12, temperature=0)
+
+    spec = gen_program.run(backend=sgl.RuntimeEndpoint(linearspec_server.url))
+    ar = gen_program.run(backend=sgl.RuntimeEndpoint(ar_server.url))
+    assert spec["body"] == ar["body"]
+
+    @sgl.function
+    def select_program(s):
+        s += "Is the sky blue? "
+        s += sgl.select("choice", choices=["yes", "no"])
+
+    state = select_program.run(backend=sgl.RuntimeEndpoint(linearspec_server.url))
+    with pytest.raises(Exception, match="linearspec"):
+        state["choice"]
