@@ -1,0 +1,3 @@
+from sglang_nemodiff.bundled import bundled_model_path
+
+print(bundled_model_path())
