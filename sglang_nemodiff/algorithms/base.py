@@ -13,6 +13,7 @@ Every forward is counted per request and reported in meta_info (`nemodiff_forwar
 
 from __future__ import annotations
 
+import os
 from typing import Any, List, Optional
 
 import torch
@@ -21,18 +22,21 @@ from sglang.srt.dllm.algorithm.base import DllmAlgorithm, DllmRunOutput
 from sglang.srt.dllm.config import DllmConfig
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
+from sglang_nemodiff import kernels
 from sglang_nemodiff.config import ARCHITECTURE
 from sglang_nemodiff.settings import AlgorithmSettings
 
 
 def confidence_argmax(logits: torch.Tensor, mask_id: int):
-    """argmax with the mask id excluded, and its probability with the mask id in the softmax."""
-    logits = logits.float()
-    log_norm = torch.logsumexp(logits, dim=-1)
-    masked = logits.clone()
-    masked[..., mask_id] = float("-inf")
-    best, token = masked.max(dim=-1)
-    return token, torch.exp(best - log_norm)
+    """[..., V] logits -> argmax with the mask id excluded, and its probability with the mask id
+    kept in the softmax: the fused one-pass Triton kernel on GPU (or under TRITON_INTERPRET=1),
+    its PyTorch reference on CPU."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        token, prob = kernels.confidence_argmax(flat, mask_id)
+    else:
+        token, prob = kernels.confidence_argmax_reference(flat, mask_id)
+    return token.view(logits.shape[:-1]), prob.view(logits.shape[:-1])
 
 
 class NLDBlockAlgorithm(DllmAlgorithm):

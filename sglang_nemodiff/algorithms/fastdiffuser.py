@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from sglang_nemodiff import kernels
 from sglang_nemodiff.algorithms.base import NLDBlockAlgorithm, confidence_argmax
 
 
@@ -26,11 +27,8 @@ class NemodiffFastDiffuser(NLDBlockAlgorithm):
             forwards += 1
             logits = out.logits_output.full_logits.view(*block.shape, -1)
             x0, confidence = confidence_argmax(logits, self.mask_id)
-            confidence = torch.where(masked, confidence, -1.0)
-            commit = masked & (confidence >= self.threshold)
-            # The most confident masked position always commits (rows with masks left).
-            top1 = torch.zeros_like(commit).scatter_(1, confidence.argmax(1, keepdim=True), True)
-            commit |= top1 & masked.any(1, keepdim=True)
+            # Masked positions with confidence >= threshold, plus the most confident one.
+            commit = kernels.fastdiffuser_commit(x0, confidence, masked, self.threshold)
             block.copy_(torch.where(commit, x0, block))
             masked &= ~commit
             if self.eos_id is not None:

@@ -5,6 +5,7 @@ at temperature 0: every emitted token is a causal argmax."""
 
 from __future__ import annotations
 
+from sglang_nemodiff import kernels
 from sglang_nemodiff.algorithms.base import NLDBlockAlgorithm, confidence_argmax
 
 
@@ -19,8 +20,7 @@ class NemodiffLinearSpec(NLDBlockAlgorithm):
 
     def accept(self, block, causal_argmax):
         # Draft i (i >= 1) is accepted while it equals the causal argmax of slot i-1.
-        matches = (block[:, 1:] == causal_argmax[:, :-1]).int()
-        accepted = matches.cumprod(dim=1).sum(dim=1)
+        accepted, _ = kernels.linearspec_accept(block, causal_argmax)
         return accepted + 1, accepted
 
 

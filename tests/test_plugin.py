@@ -1,0 +1,98 @@
+"""The plugin's own surface: registration, CLI options, settings, start-up target checks."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sglang_nemodiff.server_args import DEFAULT_MAX_RUNNING_REQUESTS, map_nemodiff_options
+from sglang_nemodiff.settings import DEFAULT_CONFIG, AlgorithmSettings, load_settings
+
+
+def test_cli_help_lists_algorithm_options():
+    out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"],
+                         capture_output=True, text=True, timeout=300).stdout
+    assert "--algorithm {ar,fastdiffuser,linearspec}" in out
+    assert "--ar-mode" in out and "--algorithm-config" in out
+
+
+def test_algorithm_maps_onto_sglang_fields():
+    assert map_nemodiff_options({}, {}) == {}
+    ar = map_nemodiff_options({"algorithm": "ar"}, {})
+    assert json.loads(ar["json_model_override_args"]) == {"ar_mode": True}
+    assert "dllm_algorithm" not in ar
+    spec = map_nemodiff_options({"algorithm": "linearspec"},
+                                {"device": "cpu", "json_model_override_args": '{"x": 1}'})
+    assert spec["dllm_algorithm"] == "NemodiffLinearSpec" and spec["dllm_fdfo"] is False
+    assert spec["dllm_algorithm_config"] == DEFAULT_CONFIG
+    assert spec["max_running_requests"] == DEFAULT_MAX_RUNNING_REQUESTS
+    assert spec["disable_cuda_graph"] is True
+    assert json.loads(spec["json_model_override_args"]) == {"x": 1, "ar_mode": False}
+    fast = map_nemodiff_options({"algorithm": "fastdiffuser"}, {"max_running_requests": 4})
+    assert fast["dllm_algorithm"] == "NemodiffFastDiffuser" and "max_running_requests" not in fast
+    with pytest.raises(ValueError, match="--ar-mode contradicts"):
+        map_nemodiff_options({"algorithm": "linearspec", "ar_mode": True}, {})
+    with pytest.raises(ValueError, match="Unknown --algorithm"):
+        map_nemodiff_options({"algorithm": "quadratic"}, {})
+
+
+def test_settings_yaml(tmp_path):
+    assert load_settings(None) == AlgorithmSettings()
+    assert AlgorithmSettings().threshold == 0.9 and AlgorithmSettings().block_size == 32
+    good = tmp_path / "good.yaml"
+    good.write_text("threshold: 0.8\nuse_lora: false\n")
+    assert load_settings(str(good)).threshold == 0.8
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("treshold: 0.8\n")
+    with pytest.raises(ValueError, match="unknown setting.*treshold"):
+        load_settings(str(bad))
+    (tmp_path / "range.yaml").write_text("threshold: 1.5\n")
+    with pytest.raises(ValueError, match="threshold"):
+        load_settings(str(tmp_path / "range.yaml"))
+
+
+def test_missing_hook_target_fails_with_one_clear_message():
+    from sglang_nemodiff.patches import PatchTargetMissing, check_target, patch_modules
+
+    for module in patch_modules():  # every declared target exists in the installed SGLang
+        for target in module.TARGETS:
+            check_target(target)
+    with pytest.raises(PatchTargetMissing, match=r"sglang\.srt\.dllm\.config\.NoSuchThing.*"
+                                                 r"sglang==0\.5\.23"):
+        check_target("sglang.srt.dllm.config.NoSuchThing")
+
+
+def test_register_is_idempotent_and_registers_everything():
+    code = (
+        "import sglang_nemodiff as p; p.register(); p.register()\n"
+        "from sglang.srt.plugins.hook_registry import HookRegistry; HookRegistry.apply_hooks()\n"
+        "from sglang.srt.models.registry import ModelRegistry\n"
+        "from sglang.srt.dllm.algorithm import algo_name_to_cls\n"
+        "from transformers import AutoConfig\n"
+        "assert 'NemotronLabsDiffusionModel' in ModelRegistry.models\n"
+        "assert {'NemodiffFastDiffuser', 'NemodiffLinearSpec'} <= set(algo_name_to_cls)\n"
+        "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+        "assert 'nemotron_labs_diffusion' in CONFIG_MAPPING\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_light_import():
+    """Importing the package (and the kernels/reference) does not import SGLang."""
+    code = ("import sys, sglang_nemodiff, sglang_nemodiff.reference, sglang_nemodiff.kernels\n"
+            "print(any(m == 'sglang' or m.startswith('sglang.') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_vllm_stub_only_without_vllm():
+    code = ("import importlib.util, sys\n"
+            "from sglang_nemodiff.patches import vllm_stub\n"
+            "had = importlib.util.find_spec('vllm') is not None\n"
+            "vllm_stub.apply()\n"
+            "import vllm._custom_ops as ops\n"
+            "print(had or 'CPU shim' in (ops.__doc__ or ''))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
