@@ -283,6 +283,8 @@ def markdown(rows, header_lines):
 
 def main(argv=None):
     args = parse_args(argv)
+    # SIGTERM (e.g. from `timeout`) must still run the finally blocks that kill the servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from transformers import PreTrainedTokenizerFast
 
     from sglang_nemodiff.bundled import bundled_model_path
