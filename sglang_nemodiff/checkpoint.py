@@ -78,7 +78,8 @@ def write_random_checkpoint(path: str, seed: int = 0, lora_rank: int | None = No
     return path
 
 
-def write_random_lora(path: str, config: NemotronLabsDiffusionConfig, rank: int, seed: int):
+def write_random_lora(path: str, config: NemotronLabsDiffusionConfig, rank: int, seed: int,
+                      scale: float = 0.05):
     """A PEFT adapter like the real `linear_spec_lora/` (o_proj only, alpha = 4 r)."""
     from safetensors.torch import save_file
 
@@ -89,7 +90,7 @@ def write_random_lora(path: str, config: NemotronLabsDiffusionConfig, rank: int,
     for i in range(config.num_hidden_layers):
         key = f"base_model.model.encoder.layers.{i}.self_attn.o_proj"
         tensors[f"{key}.lora_A.weight"] = torch.randn(rank, width, generator=gen) * width**-0.5
-        tensors[f"{key}.lora_B.weight"] = torch.randn(config.hidden_size, rank, generator=gen) * 0.05
+        tensors[f"{key}.lora_B.weight"] = torch.randn(config.hidden_size, rank, generator=gen) * scale
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 4 * rank,

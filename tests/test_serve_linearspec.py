@@ -73,8 +73,8 @@ def test_streaming_matches_non_streaming(linearspec_server, prompts):
                 chunks.append(json.loads(line[5:]))
     assert len(chunks) > 1
     assert chunks[-1]["text"] == full["text"]
-    assert chunks[-1]["output_ids"] == full["output_ids"]
-    assert chunks[-1]["meta_info"]["completion_tokens"] == 40
+    assert chunks[-1]["output_ids"] == full["output_ids"] and len(full["output_ids"]) == 40
+    assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
 
 
 @pytest.mark.parametrize("params, feature", [
@@ -107,13 +107,13 @@ def test_aborted_requests_free_their_kv(linearspec_server, prompts):
         try:
             return requests.post(url + "/generate", timeout=120, json={
                 "rid": f"abort-{i}", "input_ids": prompts[i % len(prompts)],
-                "sampling_params": {"temperature": 0, "max_new_tokens": 2000}}).json()
+                "sampling_params": {"temperature": 0, "max_new_tokens": 400}}).json()
         except requests.RequestException as exc:
             return {"error": str(exc)}
 
     with ThreadPoolExecutor(50) as pool:
         futures = [pool.submit(long_request, i) for i in range(50)]
-        time.sleep(3)
+        time.sleep(1.5)
         for i in range(50):
             requests.post(url + "/abort_request", json={"rid": f"abort-{i}"}, timeout=30)
         results = [f.result() for f in futures]
@@ -142,5 +142,5 @@ def test_frontend_gen_works_select_fails_clearly(linearspec_server, ar_server):
         s += sgl.select("choice", choices=["yes", "no"])
 
     state = select_program.run(backend=sgl.RuntimeEndpoint(linearspec_server.url))
-    with pytest.raises(Exception, match="linearspec"):
-        state["choice"]
+    error = str(state.error())
+    assert "linearspec" in error and "--algorithm ar" in error, error
