@@ -20,6 +20,7 @@ MODULES = (
     "dllm_scheduler_stash",
     "dllm_scheduler_finish",
     "output_stats",
+    "attention_backend_registry",
 )
 
 
