@@ -12,6 +12,7 @@ SUPPORTED_SGLANG = "0.5.23"
 # Patch modules, in application order.
 MODULES = (
     "vllm_stub",
+    "cpu_parallel_groups",
     "server_args_cli",
     "engine_kwargs",
     "dllm_config",
