@@ -56,16 +56,27 @@ def reference(tiny_checkpoint):
 
 
 class ServerPool:
-    def __init__(self, log_dir):
+    """Servers keyed by (checkpoint, mode, args), started on first use. At most `max_alive` run at
+    once (least recently used stops first): each costs ~1 GB and its scheduler loop competes for
+    the 2 cores. Fixtures call `get` per test, so an evicted server is started again if needed."""
+
+    def __init__(self, log_dir, max_alive: int = 2):
         self.log_dir = log_dir
+        self.max_alive = max_alive
         self.servers = {}
+        self.started = 0
 
     def get(self, model_path: str, algorithm: str, *extra: str):
         from sglang_nemodiff.speedbench import ManagedServer
 
         key = (model_path, algorithm, extra)
-        if key not in self.servers:
-            name = f"{os.path.basename(model_path)}-{algorithm}-{len(self.servers)}.log"
+        if key in self.servers:
+            self.servers[key] = self.servers.pop(key)  # most recently used last
+        else:
+            while len(self.servers) >= self.max_alive:
+                self.servers.pop(next(iter(self.servers))).stop()
+            self.started += 1
+            name = f"{self.started:02d}-{os.path.basename(model_path)}-{algorithm}.log"
             server = ManagedServer(model_path, algorithm, [*CPU_ARGS, *extra],
                                    log_path=str(self.log_dir / name),
                                    env={**os.environ, **SERVER_ENV})
@@ -91,17 +102,17 @@ def server_pool(tmp_path_factory):
     pool.stop_all()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ar_server(server_pool, tiny_checkpoint):
     return server_pool.get(tiny_checkpoint, "ar")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def linearspec_server(server_pool, tiny_checkpoint):
     return server_pool.get(tiny_checkpoint, "linearspec")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def fastdiffuser_server(server_pool, tiny_checkpoint):
     return server_pool.get(tiny_checkpoint, "fastdiffuser")
 
