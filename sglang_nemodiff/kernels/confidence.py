@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import _sm_count
+
 _INT_BIG = 2147483647
 
 
@@ -103,14 +105,6 @@ def _conf_merge(Token, Prob, Part_m, Part_s, Part_bv, Part_bi,
     tl.store(Prob + row, tl.exp(best - m_all) / s_all)
 
 
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def confidence_argmax(logits: torch.Tensor, mask_id: int, *, num_splits: int = None,

@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import _sm_count
+
 CAUSAL = 0
 BLOCK_BIDIRECTIONAL = 1
 QUADRATIC = 2
@@ -255,14 +257,6 @@ def _split_merge(
 # Launcher
 # --------------------------------------------------------------------------------------------
 
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def _pick_config(dtype: torch.dtype, head_dim: int, interpret: bool):
