@@ -47,6 +47,7 @@ def publish_stats(req) -> None:
 class _Interval:
     last = time.monotonic()
     forwards = tokens = blocks = accepted = 0
+    drafted = False  # a LinearSpec round (with an acceptance count) was seen
 
 
 def log_interval_stats(batch, round_stats) -> None:
@@ -58,7 +59,9 @@ def log_interval_stats(batch, round_stats) -> None:
         if "keep" in stats:
             _Interval.tokens += stats["keep"]
             _Interval.blocks += 1
-            _Interval.accepted += stats.get("accepted") or 0
+            if stats.get("accepted") is not None:
+                _Interval.accepted += stats["accepted"]
+                _Interval.drafted = True
         else:
             _Interval.tokens += 1
     now = time.monotonic()
@@ -66,9 +69,9 @@ def log_interval_stats(batch, round_stats) -> None:
         return
     msg = (f"[nemodiff] #blocks: {_Interval.blocks}, #forwards: {_Interval.forwards}, "
            f"tokens/forward: {_Interval.tokens / _Interval.forwards:.2f}")
-    if _Interval.accepted or batch.reqs and getattr(batch.reqs[0], "nemodiff_stats", None) and \
-            batch.reqs[0].nemodiff_stats.algorithm == "NemodiffLinearSpec":
+    if _Interval.drafted:
         msg += f", accept len: {_Interval.accepted / max(_Interval.blocks, 1) + 1:.2f}"
     logger.info(msg)
     _Interval.last = now
     _Interval.forwards = _Interval.tokens = _Interval.blocks = _Interval.accepted = 0
+    _Interval.drafted = False

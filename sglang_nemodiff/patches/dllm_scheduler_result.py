@@ -28,10 +28,8 @@ def process_batch_result_dllm(original, scheduler, batch, result):
         if stats is not None:
             req.nemodiff_stats.add_round(stats, is_block=batch.forward_mode.is_dllm_extend())
             req.nemodiff_keep = stats.get("keep")
-    if batch.forward_mode.is_dllm_extend():
-        original(scheduler, batch, result)
-    else:
-        original(scheduler, batch, result)  # reports prefill stats only
+    original(scheduler, batch, result)  # for a prefill batch: reports prefill stats only
+    if not batch.forward_mode.is_dllm_extend():
         _emit_seeds(scheduler, batch, result)
     log_interval_stats(batch, round_stats)
 
