@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Measure tokens per forward and tokens/s of AR, FastDiffuser and LinearSpec on held-out prompts.
 
-Two deterministic held-out prompt sets (sglang_nemodiff.training.heldout_prompt_sets), built from
+Two deterministic held-out prompt sets (sglang_nemodiff.tools.training.heldout_prompt_sets), built from
 standard-library files the bundled model never saw:
   continuation  a held-out file's prefix; continue it
   edit          copy/edit tasks whose answer restates text given in the prompt
@@ -288,7 +288,7 @@ def main(argv=None):
     from transformers import PreTrainedTokenizerFast
 
     from sglang_nemodiff.bundled import bundled_model_path
-    from sglang_nemodiff.training import heldout_prompt_sets
+    from sglang_nemodiff.tools.training import heldout_prompt_sets
 
     model_path = os.path.abspath(args.model_path or bundled_model_path())
     modes = [m for m in args.modes.split(",") if m]

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from sglang_nemodiff.checkpoint import check_checkpoint, config_json  # noqa: E402
 from sglang_nemodiff.config import NemotronLabsDiffusionConfig  # noqa: E402
 from sglang_nemodiff.tokenizer import EOS_ID, MASK_ID, build_tokenizer  # noqa: E402
-from sglang_nemodiff.training import (  # noqa: E402
+from sglang_nemodiff.tools.training import (  # noqa: E402
     NLDTrainModel, joint_loss, make_edit_example, read_text, stdlib_files)
 
 ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
@@ -197,7 +197,7 @@ def evaluate(model, data, device, n_batches=3):
         ar, diff = joint_loss(model, clean, starts, noisy, masked, targets, data.args.block_size)
         ar_l.append(ar.item())
         d_l.append(diff.item())
-        from sglang_nemodiff.training import block_attention_mask
+        from sglang_nemodiff.tools.training import block_attention_mask
         B, K, bs = noisy.shape
         S = clean.shape[1]
         ids = torch.cat([clean, noisy.reshape(B, -1)], 1)

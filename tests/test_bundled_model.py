@@ -76,7 +76,7 @@ def test_loads_and_is_trained(model, tokenizer):
 
 
 def test_linearspec_equals_ar_on_heldout(model, tokenizer):
-    from sglang_nemodiff.training import heldout_prompt_sets
+    from sglang_nemodiff.tools.training import heldout_prompt_sets
 
     sets = heldout_prompt_sets(tokenizer, n_per_set=3, max_new_tokens=48)
     prompts = sets["edit"][:2] + sets["continuation"][:1]
@@ -91,7 +91,7 @@ def test_training_forward_matches_reference(model):
     """The batched training module computes exactly NLDReference's function (fp32, atol 1e-4)."""
     from safetensors.torch import load_file
 
-    from sglang_nemodiff.training import NLDTrainModel, block_attention_mask
+    from sglang_nemodiff.tools.training import NLDTrainModel, block_attention_mask
 
     train = NLDTrainModel(model.config)
     state = load_file(os.path.join(PATH, "model.safetensors"))

@@ -23,7 +23,7 @@ MAX_NEW = 48
 def bundled_prompts():
     from transformers import AutoTokenizer
 
-    from sglang_nemodiff.training import heldout_prompt_sets
+    from sglang_nemodiff.tools.training import heldout_prompt_sets
 
     tokenizer = AutoTokenizer.from_pretrained(bundled_model_path())
     sets = heldout_prompt_sets(tokenizer, n_per_set=2, continuation_tokens=96)

@@ -1,4 +1,4 @@
-"""Training-side helpers for the bundled NLD model (issue 6).
+"""Training-side helpers for the bundled NLD model.
 
 * `NLDTrainModel`: a batched NLD forward whose `state_dict()` names are exactly the real HF tensor
   names (`encoder.*`, `diffusion_head.weight`) and which computes the same function as
