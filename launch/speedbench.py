@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""SPEED-Bench harness: python launch/speedbench.py --help (library: sglang_nemodiff/speedbench.py)."""
+"""SPEED-Bench harness: python launch/speedbench.py --help (library: sglang_nemodiff/speedbench/)."""
 
 import os
 import sys

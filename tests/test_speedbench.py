@@ -1,4 +1,5 @@
-"""SPEED-Bench harness: loading, prompts, reporting, and one end-to-end run on real CPU servers."""
+"""SPEED-Bench harness and the server lifecycle it shares (sglang_nemodiff.servers): loading,
+prompts, mode entries, reporting, fake servers, and one end-to-end run on real CPU servers."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import time
 
 import pytest
 
+import sglang_nemodiff
+from sglang_nemodiff import servers
 from sglang_nemodiff import speedbench as sb
+from sglang_nemodiff.servers import ManagedServer, ServerStartError
+from sglang_nemodiff.speedbench.client import load_tokenizer
+from sglang_nemodiff.speedbench.modes import entry_server
+from sglang_nemodiff.speedbench.report import machine_info
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +47,7 @@ def test_standin_file_schema_and_coverage():
     assert len(multi) >= 2 and all(len(r.turns) > 1 for r in multi)
     assert len({r.question_id for r in rows}) == len(rows)
     # the stand-in is shipped inside the package (package data)
-    assert os.path.dirname(sb.STANDIN_PATH) == os.path.join(os.path.dirname(sb.__file__), "data")
+    assert os.path.dirname(sb.STANDIN_PATH) == os.path.join(os.path.dirname(sglang_nemodiff.__file__), "data")
 
 
 def test_single_turn_filter_and_category_filters():
@@ -190,6 +197,53 @@ def test_meta_scalar_accepts_scalars_and_one_element_lists():
     assert sb.meta_scalar(m, "f") == 2.0
 
 
+# ------------------------------------------------------------------------------- mode entries, servers
+
+def test_mode_entries_with_settings(tmp_path):
+    from sglang_nemodiff.settings import load_settings
+
+    entries = sb.parse_entries("linearspec@block_size=16@use_lora=false, fastdiffuser@threshold=0.8,"
+                               "linearspec@block_size=auto", baseline="ar")
+    assert [e.label for e in entries] == ["ar", "linearspec@block_size=16@use_lora=false",
+                                          "fastdiffuser@threshold=0.8", "linearspec@block_size=auto"]
+    assert [e.algorithm for e in entries] == ["ar", "linearspec", "fastdiffuser", "linearspec"]
+    assert entries[0].settings == {} and entries[3].settings == {"block_size": "auto"}
+    assert entries[1].settings == {"block_size": 16, "use_lora": False}
+    assert sb.parse_entries("linearspec,ar", baseline="ar")[0].label == "ar"  # baseline first
+    # the file the harness writes is the plugin's own --algorithm-config format
+    srv = entry_server(entries[1], "m", ["--x", "1"], str(tmp_path))
+    config = srv.cmd[srv.cmd.index("--algorithm-config") + 1]
+    assert os.path.dirname(config) == str(tmp_path) and srv.log_path == str(tmp_path / "server_linearspec_block_size=16_use_lora=false.log")
+    settings = load_settings(config)
+    assert (settings.block_size, settings.use_lora, settings.threshold) == (16, False, 0.9)
+    assert "--algorithm-config" not in entry_server(entries[0], "m", [], str(tmp_path)).cmd
+    for bad, pattern in (("ar,ar", "given twice"), ("linearspec@block_size", "not key=value"),
+                         ("linearspec@a=1@a=2", "'a' given twice"), ("@a=1", "no mode")):
+        with pytest.raises(ValueError, match=pattern):
+            sb.parse_entries(bad)
+    with pytest.raises(ValueError, match="one way"):
+        sb.parse_entries("linearspec@block_size=16", server_args=["--algorithm-config=x.yaml"])
+
+
+def test_cpu_defaults_only_for_flags_not_given(monkeypatch):
+    monkeypatch.setattr(servers, "cuda_visible", lambda: False)
+    assert servers.with_cpu_defaults([]) == list(servers.CPU_ARGS)
+    args = servers.with_cpu_defaults(["--dtype=bfloat16", "--max-total-tokens", "100"])
+    assert args == ["--dtype=bfloat16", "--max-total-tokens", "100", "--device", "cpu",
+                    "--attention-backend", "torch_native"]
+    srv = ManagedServer("m", "linearspec", ["--foo"], port=1234, launcher=["L"])
+    assert srv.cmd == ["L", "--model-path", "m", "--algorithm", "linearspec", "--host", "127.0.0.1",
+                       "--port", "1234", "--foo", *servers.CPU_ARGS] and srv.url == "http://127.0.0.1:1234"
+    from sglang_nemodiff.bundled import bundled_model_path
+    from sglang_nemodiff.serve import command
+
+    assert command(["--algorithm", "ar"])[:7] == [sys.executable, "-m", "sglang.launch_server", "--model-path",
+                                                  bundled_model_path(), "--algorithm", "ar"]
+    assert command(["--model-path=x"])[3:] == ["--model-path=x", *servers.CPU_ARGS]
+    monkeypatch.setattr(servers, "cuda_visible", lambda: True)
+    assert servers.with_cpu_defaults(["--foo"]) == ["--foo"]
+
+
 # ------------------------------------------------------------------------------- reporting
 
 def synthetic():
@@ -225,11 +279,25 @@ def test_aggregate_ratios_and_plugin_metrics():
     assert all(s["ratio_vs_baseline"] is None for s in sb.aggregate([r for r in recs if r.mode != "ar"], walls))
 
 
+def test_aggregate_all_rows_in_one_batch():
+    """--schedule mixed: one wall per (mode, concurrency); categories get no tok/s of their own."""
+    recs, walls = synthetic()
+    summ = sb.aggregate(recs, {(m, c, sb.OVERALL): 1.0 for m, c, _ in walls})
+    idx = {(s["mode"], s["concurrency"], s["category"]): s for s in summ}
+    assert len(idx) == len(summ) == 2 * 2 * 3
+    assert [s["mode"] for s in summ][0] == "ar"  # measured order, not alphabetical
+    ov = idx[("linearspec", 2, sb.OVERALL)]
+    assert ov["tok_per_s"] == pytest.approx(80.0) and ov["ratio_vs_baseline"] == pytest.approx(1.0)
+    assert idx[("linearspec", 2, "math")]["tok_per_s"] is None and idx[("linearspec", 2, "math")]["requests"] == 2
+
+
 def test_reports_written(tmp_path):
     pytest.importorskip("matplotlib")
     recs, walls = synthetic()
     summ = sb.aggregate(recs, walls)
-    paths = sb.write_reports(str(tmp_path), summ, recs, {"dataset": "synthetic", "api": "generate"})
+    machine = {"cpu": "Test CPU 9000", "cores": 2, "gpus": [], "date": "2025-01-02"}
+    paths = sb.write_reports(str(tmp_path), summ, recs, {"dataset": "synthetic", "api": "generate",
+                                                         "machine": machine})
     data = json.load(open(paths["json"]))
     assert {s["mode"] for s in data["summary"]} == {"ar", "linearspec"}
     assert data["meta"]["dataset"] == "synthetic"
@@ -237,66 +305,65 @@ def test_reports_written(tmp_path):
     assert len(lines) == len(recs) and "text" not in json.loads(lines[0])
     md = open(paths["markdown"]).read()
     assert "| linearspec | 2 | 5 | 1 | 80 | 60.0 | 3.00 |" in md
+    assert "- machine: Test CPU 9000 (2 cores), no GPU; 2025-01-02" in md
+    assert "| concurrency | ar tok/s | ar xAR | linearspec tok/s | linearspec xAR |" in md
+    assert "| 2 | 20.0 | 1.00 | 60.0 | 3.00 |" in md
     assert "## Per category, concurrency 1" in md and "| math |" in md and "n/a" in md
     assert "1 request(s) failed" in md
     with open(paths["plot"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_machine_info_names_cpu_cores_and_date():
+    info = machine_info()
+    assert info["cpu"] and info["cores"] == os.cpu_count() and isinstance(info["gpus"], list)
+    assert info["date"] == time.strftime("%Y-%m-%d")
+
+
 # ------------------------------------------------------------------------------- end to end
 
-def _plugin_ready() -> bool:
-    out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"], capture_output=True, text=True)
-    return "--algorithm" in out.stdout
-
-
 @pytest.mark.slow
-def test_end_to_end_cpu_servers_ar_and_linearspec(tmp_path):
-    """Two real CPU SGLang servers (ar, then linearspec) on a tiny random checkpoint.
-
-    Stand-in prompts, one per category (11 rows; the roleplay one is multi-turn) to stay within ~3
-    minutes on a 2-core machine: concurrency 1,2, max_tokens 16.
-    """
-    from sglang_nemodiff.checkpoint import write_random_checkpoint
-
-    assert _plugin_ready(), "python -m sglang.launch_server has no --algorithm flag: is the plugin installed?"
+def test_end_to_end_cpu_servers_ar_and_linearspec(tmp_path, server_pool, tiny_checkpoint):
+    """The harness CLI against real CPU SGLang servers: the session's AR and LinearSpec servers on the
+    tiny random checkpoint (shared with the serving tests, so usually no extra start-up), two roleplay
+    rows (one multi-turn, whose second turn sees the first answer), concurrency 1 and 2, 16 tokens.
+    At temperature 0 LinearSpec is lossless: every response must be AR's, text for text."""
     pytest.importorskip("matplotlib")
-    ckpt = write_random_checkpoint(str(tmp_path / "tiny"))
+    urls = {mode: server_pool.get(tiny_checkpoint, mode).url for mode in ("ar", "linearspec")}
     out = tmp_path / "out"
-    env = {**os.environ, "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
     t0 = time.time()
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "launch", "speedbench.py"), "--model-path", ckpt,
-         "--algorithms", "ar,linearspec", "--concurrency", "1,2", "--max-tokens", "16",
-         "--max-per-category", "1", "--warmup", "1", "--out-dir", str(out), "--no-progress",
-         "--save-text", "--server-start-timeout", "300"],
-        capture_output=True, text=True, env=env, timeout=900)
+        [sys.executable, os.path.join(REPO, "launch", "speedbench.py"),
+         "--url", urls["ar"], "--url-label", "ar", "--url", urls["linearspec"], "--url-label", "linearspec",
+         "--categories", "roleplay", "--max-per-category", "2", "--concurrency", "1,2", "--max-tokens", "16",
+         "--warmup", "1", "--out-dir", str(out), "--no-progress", "--save-text"],
+        capture_output=True, text=True, timeout=600)
     elapsed = time.time() - t0
-    logs = "".join(f"\n--- {p.name}\n" + p.read_text()[-3000:] for p in out.glob("server_*.log"))
-    assert proc.returncode == 0, f"rc={proc.returncode}\nstderr:\n{proc.stderr[-4000:]}{logs}"
+    assert proc.returncode == 0, f"rc={proc.returncode}\nstderr:\n{proc.stderr[-4000:]}"
     data = json.load(open(out / "speedbench.json"))
     summ = data["summary"]
-    assert {s["mode"] for s in summ} == {"ar", "linearspec"}
-    rows = sb.load_rows(sb.STANDIN_PATH, max_per_category=1)
-    assert any(r.multiturn for r in rows)
-    for mode in ("ar", "linearspec"):
-        for c in (1, 2):
-            ov = next(s for s in summ if (s["mode"], s["concurrency"], s["category"]) == (mode, c, "overall"))
-            assert ov["rows"] == len(rows) and ov["requests"] == sum(len(r.turns) for r in rows)
-            assert ov["errors"] == 0 and ov["output_tokens"] > 0 and ov["tok_per_s"] > 0
-            assert ov["ratio_vs_baseline"] is not None
-    assert set(sb.CATEGORIES) <= {s["category"] for s in summ}
+    rows = sb.load_rows(sb.STANDIN_PATH, categories=["roleplay"], max_per_category=2)
+    assert len(rows) == 2 and sum(r.multiturn for r in rows) == 1
+    assert {(s["mode"], s["concurrency"], s["category"]) for s in summ} == {
+        (m, c, cat) for m in ("ar", "linearspec") for c in (1, 2) for cat in ("roleplay", "overall")}
+    for s in summ:
+        assert s["rows"] == 2 and s["requests"] == 3 and s["errors"] == 0, s
+        assert 0 < s["output_tokens"] <= 3 * 16 and s["tok_per_s"] > 0 and s["ratio_vs_baseline"] > 0
     ls = [s for s in summ if s["mode"] == "linearspec"]
-    # the plugin reports its counters through /generate meta_info
-    assert all(s["tokens_per_forward"] is not None and s["accept_length"] is not None for s in ls), ls[0]
+    assert all(s["same_text_as_baseline"] == 1.0 for s in ls), [s["same_text_as_baseline"] for s in ls]
+    # the plugin reports its counters through /generate meta_info; AR has none
+    assert all(s["tokens_per_forward"] > 0 and s["accept_length"] is not None and s["forwards"] > 0 for s in ls)
+    assert all(s["tokens_per_forward"] is None for s in summ if s["mode"] == "ar")
     recs = [json.loads(x) for x in open(out / "speedbench_requests.jsonl")]
-    assert all(0 < r["output_tokens"] <= 16 for r in recs)
+    assert len(recs) == 2 * 2 * 3 and all(0 < r["output_tokens"] <= 16 and r["text"] for r in recs)
+    turn1 = [r for r in recs if r["turn"] == 1]
+    assert len(turn1) == 4 and {r["question_id"] for r in turn1} == {next(r.question_id for r in rows if r.multiturn)}
     md = (out / "speedbench.md").read_text()
-    assert "| ar | 1 |" in md and "| linearspec | 2 |" in md
+    assert "| ar | 1 | 3 | 0 |" in md and "| linearspec | 2 | 3 | 0 |" in md and "- machine: " in md
     assert (out / "speedbench.png").read_bytes()[:4] == b"\x89PNG"
-    assert {s["label"] for s in data["meta"]["servers"]} == {"ar", "linearspec"}
-    same = [s["same_text_as_baseline"] for s in ls if s["category"] == "overall"]
-    print(f"e2e speedbench: {elapsed:.0f} s; linearspec responses identical to ar: {same}\n{md}")
+    assert [s["label"] for s in data["meta"]["servers"]] == ["ar", "linearspec"]
+    assert data["meta"]["machine"]["cores"] == os.cpu_count()
+    print(f"e2e speedbench: {elapsed:.0f} s\n{md}")
 
 
 # ------------------------------------------------------------------------------- fake server
@@ -310,6 +377,7 @@ p.add_argument("--model-path"); p.add_argument("--algorithm", default="ar")
 p.add_argument("--host", default="127.0.0.1"); p.add_argument("--port", type=int)
 a, rest = p.parse_known_args()
 LOG = []
+print("ARGV " + json.dumps(sys.argv[1:]), flush=True)
 
 def n_tokens(max_new):
     return min(max_new, 8)
@@ -351,9 +419,6 @@ async def ok(req):
 async def model_info(req):
     return web.json_response({"model_path": a.model_path, "tokenizer_path": a.model_path})
 
-async def server_info(req):
-    return web.json_response({"launch_command": " ".join(sys.argv), "version": "fake"})
-
 async def models(req):
     return web.json_response({"data": [{"id": "fake-model"}]})
 
@@ -363,7 +428,7 @@ async def requests_log(req):
 app = web.Application()
 app.add_routes([web.post("/generate", generate), web.post("/v1/completions", completions),
                 web.post("/v1/chat/completions", chat), web.get("/health_generate", ok),
-                web.get("/model_info", model_info), web.get("/server_info", server_info),
+                web.get("/model_info", model_info),
                 web.get("/v1/models", models), web.get("/log", requests_log)])
 web.run_app(app, host=a.host, port=a.port, print=None)
 '''
@@ -386,44 +451,71 @@ def tokenizer_dir(tmp_path):
 
 
 def _start_fake(script, model_path, algorithm, tmp_path):
-    srv = sb.ManagedServer(model_path, algorithm, launcher=[sys.executable, script],
-                           log_path=str(tmp_path / f"fake_{algorithm}.log"))
+    srv = ManagedServer(model_path, algorithm, launcher=[sys.executable, script],
+                        log_path=str(tmp_path / f"fake_{algorithm}.log"))
     srv.start()
     srv.wait_ready(60, poll=0.2)
     return srv
 
 
+def _fake_same_share(tokenizer_dir, rows):
+    """The fake LinearSpec answers like AR exactly when the prompt's length is odd."""
+    builder = sb.PromptBuilder(load_tokenizer(tokenizer_dir), preclose=True)
+    flags = []
+    for r in rows:
+        history = []
+        for turn in r.turns:
+            history.append({"role": "user", "content": turn})
+            flags.append(len(builder.text(history)) % 2 == 1)
+            history.append({"role": "assistant", "content": "A" * 8})
+    return sum(flags) / len(flags)
+
+
 def test_harness_starts_servers_and_sweeps(tmp_path, fake_server_script, tokenizer_dir):
-    """--model-path flow with a stand-in launcher: start, health, sweep, stop, next; AR first."""
+    """--model-path flow with a stand-in launcher: one server per mode entry (AR added and started
+    first), entry settings passed as --algorithm-config FILE, start, health, sweep, stop, next."""
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
-    rc = sb.main(["--model-path", tokenizer_dir, "--algorithms", "linearspec,ar", "--concurrency", "1,3",
+    ls_label = "linearspec@block_size=16@use_lora=false"
+    rc = sb.main(["--model-path", tokenizer_dir, "--algorithms", f"{ls_label},fastdiffuser", "--concurrency", "1,3",
                   "--max-tokens", "16", "--out-dir", str(out), "--no-progress", "--preclose-thinking",
                   "--launcher", f"{sys.executable} {fake_server_script}", "--server-args", "--foo 1",
                   "--server-start-timeout", "60"])
     assert rc == 0
     data = json.load(open(out / "speedbench.json"))
-    servers = data["meta"]["servers"]
-    assert [s["label"] for s in servers] == ["ar", "linearspec"]
-    assert "--foo 1 --max-running-requests 3" in servers[0]["command"]
+    started = data["meta"]["servers"]
+    assert [s["label"] for s in started] == ["ar", ls_label, "fastdiffuser"]
+    assert [s["settings"] for s in started] == [{}, {"block_size": 16, "use_lora": False}, {}]
+    assert "--foo 1 --max-running-requests 3" in started[0]["command"]
+    config = str(out / "algorithm_linearspec_block_size=16_use_lora=false.yaml")
+    logs = {s["label"]: (out / f"server_{sb.ModeEntry(s['label'], '', {}).file_stem}.log").read_text() for s in started}
+    argv = {label: json.loads(log.split("ARGV ", 1)[1].splitlines()[0]) for label, log in logs.items()}
+    assert argv[ls_label][argv[ls_label].index("--algorithm-config") + 1] == config
+    assert "--algorithm-config" not in argv["ar"] and "--algorithm-config" not in argv["fastdiffuser"]
+    assert [argv[s["label"]][argv[s["label"]].index("--algorithm") + 1] for s in started] == \
+        ["ar", "linearspec", "fastdiffuser"]
+    if not servers.cuda_visible():
+        assert all(" ".join(servers.CPU_ARGS) in " ".join(v) for v in argv.values())
     summ = {(s["mode"], s["concurrency"], s["category"]): s for s in data["summary"]}
     rows = sb.load_rows(sb.STANDIN_PATH)
-    for mode in ("ar", "linearspec"):
+    for mode in ("ar", ls_label, "fastdiffuser"):
         for c in (1, 3):
             ov = summ[(mode, c, "overall")]
             assert ov["requests"] == sum(len(r.turns) for r in rows) and ov["errors"] == 0
-            assert ov["output_tokens"] == 8 * ov["requests"]
-    ls, ar = summ[("linearspec", 3, "math")], summ[("ar", 3, "math")]
+            assert ov["output_tokens"] == 8 * ov["requests"] and ov["ratio_vs_baseline"] > 0
+    ls, ar = summ[(ls_label, 3, "math")], summ[("ar", 3, "math")]
     assert ls["tokens_per_forward"] == pytest.approx(2.0) and ls["accept_length"] == pytest.approx(1.0)
     assert ar["tokens_per_forward"] is None and ar["ratio_vs_baseline"] == pytest.approx(1.0)
-    assert ls["ratio_vs_baseline"] is not None and 0 <= ls["same_text_as_baseline"] <= 1
-    for name in ("speedbench.md", "speedbench.png", "speedbench_requests.jsonl", "server_ar.log",
-                 "server_linearspec.log"):
-        assert (out / name).exists(), name
+    assert summ[(ls_label, 3, "overall")]["same_text_as_baseline"] == pytest.approx(_fake_same_share(tokenizer_dir, rows))
+    assert summ[("ar", 1, "overall")]["same_text_as_baseline"] == 1.0
+    md = (out / "speedbench.md").read_text()
+    assert f"- mode {ls_label}: settings {{'block_size': 16, 'use_lora': False}} `" in md
+    assert f"| concurrency | ar tok/s | ar xAR | {ls_label} tok/s | {ls_label} xAR | fastdiffuser tok/s |" in md
+    assert (out / "speedbench.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_running_servers_prompts_multiturn_and_errors(tmp_path, fake_server_script, tokenizer_dir):
-    """--url flow: label from the server's launch command, chat template + preclose in the prompt,
+    """--url flow: default label server0, chat template + preclose in the prompt,
     multi-turn feeds the answer back, a failing request is recorded and the exit code says so."""
     import requests
 
@@ -447,11 +539,11 @@ def test_running_servers_prompts_multiturn_and_errors(tmp_path, fake_server_scri
     second = next(p for p in prompts if "second" in p)
     assert "first" in second and "<|im_start|>assistant\nAAAA<|im_end|>" in second.replace("BBBB", "AAAA")
     recs = [json.loads(x) for x in open(out / "speedbench_requests.jsonl")]
-    assert {r["mode"] for r in recs} == {"linearspec"}
+    assert {r["mode"] for r in recs} == {"server0"}
     bad = [r for r in recs if not r["ok"]]
     assert len(bad) == 1 and bad[0]["question_id"] == "c" and "HTTP 500" in bad[0]["error"]
     md = (out / "speedbench.md").read_text()
-    assert "1 request(s) failed" in md and "| linearspec | 2 | 4 | 1 |" in md
+    assert "1 request(s) failed" in md and "| server0 | 2 | 4 | 1 |" in md
 
 
 @pytest.mark.parametrize("api", ["completions", "chat"])
@@ -476,9 +568,9 @@ def test_server_that_dies_is_reported_with_log_tail(tmp_path):
     script = tmp_path / "dies.py"
     script.write_text("import sys\nprint('usage: launch_server: error: unrecognized arguments: --algorithm ar')\n"
                       "sys.exit(2)\n")
-    srv = sb.ManagedServer("m", "ar", launcher=[sys.executable, str(script)], log_path=str(tmp_path / "l.log"))
+    srv = ManagedServer("m", "ar", launcher=[sys.executable, str(script)], log_path=str(tmp_path / "l.log"))
     srv.start()
-    with pytest.raises(sb.ServerStartError, match="(?s)exited with code 2.*unrecognized arguments.*plugin installed"):
+    with pytest.raises(ServerStartError, match="(?s)exited with code 2.*unrecognized arguments.*plugin installed"):
         srv.wait_ready(30, poll=0.1)
     srv.stop()
     out = tmp_path / "out"

@@ -1,0 +1,5 @@
+import sys
+
+from sglang_nemodiff.speedbench.cli import main
+
+sys.exit(main())
