@@ -12,8 +12,8 @@ import sys
 import requests
 
 from sglang_nemodiff.bundled import bundled_model_path
-from sglang_nemodiff.launch import with_defaults
-from sglang_nemodiff.speedbench import ManagedServer, meta_scalar
+from sglang_nemodiff.servers import ManagedServer
+from sglang_nemodiff.speedbench import meta_scalar
 
 PROMPTS = [
     "def fibonacci(n):\n",
@@ -30,8 +30,8 @@ def main() -> int:
     args = parser.parse_args()
     outputs = {}
     for algorithm in args.algorithms.split(","):
-        server = ManagedServer(args.model_path, algorithm, with_defaults(["--skip-server-warmup"]),
-                               port=args.port, log_path=f"/tmp/nemodiff-demo-{algorithm}.log")
+        server = ManagedServer(args.model_path, algorithm, ["--skip-server-warmup"], port=args.port,
+                               log_path=f"/tmp/nemodiff-demo-{algorithm}.log")
         print(f"\n=== --algorithm {algorithm}: starting {' '.join(server.cmd)}", flush=True)
         with server:
             server.wait_ready(timeout=900)

@@ -101,12 +101,6 @@ def run_reference(model_path, prompts_by_set, modes, args):
     return results
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _scalar(value):
     """meta_info values may be scalars or 1-element lists; None when missing/unusable."""
     if isinstance(value, (list, tuple)):
@@ -135,57 +129,22 @@ def _accepts(value):
         return []
 
 
-def _wait_healthy(base, proc, timeout, log_path):
-    import requests
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            with open(log_path, errors="replace") as f:
-                tail = f.read()[-4000:]
-            raise RuntimeError(f"server exited with {proc.returncode} before becoming healthy:\n{tail}")
-        try:
-            if requests.get(base + "/health_generate", timeout=30).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"server not healthy after {timeout}s (log: {log_path})")
-
-
-def _kill(proc):
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # the process group this script started
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
-
-
 def run_server(model_path, prompts_by_set, modes, args):
+    import shlex
+
     import requests
+
+    from sglang_nemodiff.servers import ManagedServer
 
     results = {}
     for mode in modes:
-        port = args.port or _free_port()
-        base = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path,
-               "--algorithm", mode, "--device", "cpu", "--attention-backend", "torch_native",
-               "--dtype", "float32", "--max-total-tokens", "8192", "--host", "127.0.0.1",
-               "--port", str(port)] + args.server_args.split()
-        log = tempfile.NamedTemporaryFile("w", prefix=f"measure_{mode}_", suffix=".log", delete=False)
-        print(f"  starting server: {' '.join(cmd)} (log {log.name})", flush=True)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            _wait_healthy(base, proc, args.server_timeout, log.name)
+        log_path = os.path.join(tempfile.gettempdir(), f"measure_{mode}_{os.getpid()}.log")
+        server = ManagedServer(model_path, mode, shlex.split(args.server_args), port=args.port or None,
+                               log_path=log_path)
+        print(f"  starting server: {shlex.join(server.cmd)} (log {log_path})", flush=True)
+        with server:
+            server.wait_ready(args.server_timeout, poll=2.0)
+            base = server.url
             # Warm-up request (not timed).
             requests.post(base + "/generate", json={"input_ids": [10, 200, 300], "sampling_params":
                           {"temperature": 0, "max_new_tokens": 8}}, timeout=args.request_timeout)
@@ -214,9 +173,6 @@ def run_server(model_path, prompts_by_set, modes, args):
                     runs.append(run)
                 results[(set_name, mode)] = runs
                 print(f"  {mode:12s} {set_name:12s} done", flush=True)
-        finally:
-            _kill(proc)
-            log.close()
     return results
 
 

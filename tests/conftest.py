@@ -7,10 +7,12 @@ import os
 
 import pytest
 
+from sglang_nemodiff.servers import CPU_ARGS as SERVER_CPU_ARGS
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CPU_ARGS = ("--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32",
-            "--max-total-tokens", "8192", "--skip-server-warmup")
+# The test servers run on CPU even where a GPU is visible (sglang_nemodiff.servers owns the flags).
+CPU_ARGS = (*SERVER_CPU_ARGS, "--skip-server-warmup")
 # A request's leaked KV slot turns into a hard error at idle (SGLANG_SEAMS.md).
 SERVER_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -67,7 +69,7 @@ class ServerPool:
         self.started = 0
 
     def get(self, model_path: str, algorithm: str, *extra: str):
-        from sglang_nemodiff.speedbench import ManagedServer
+        from sglang_nemodiff.servers import ManagedServer
 
         key = (model_path, algorithm, extra)
         if key in self.servers:
