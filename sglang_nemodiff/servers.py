@@ -10,6 +10,7 @@ Imports nothing from SGLang (and torch only to ask whether CUDA is visible, only
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shlex
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Sequence
 
@@ -57,6 +59,20 @@ def with_cpu_defaults(args: Sequence[str]) -> list[str]:
 def server_command(args: Sequence[str], launcher: Sequence[str] | None = None) -> list[str]:
     """The launch command for `args` (CPU defaults added when no CUDA GPU is visible)."""
     return [*(launcher or LAUNCHER), *with_cpu_defaults(args)]
+
+
+@contextlib.contextmanager
+def sigterm_exits():
+    """Inside the block SIGTERM (e.g. from `timeout`) raises SystemExit(143), so that `with`/`finally`
+    blocks still stop the servers: they run in their own process groups and never see the signal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def free_port() -> int:

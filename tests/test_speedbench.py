@@ -244,6 +244,17 @@ def test_cpu_defaults_only_for_flags_not_given(monkeypatch):
     assert servers.with_cpu_defaults(["--foo"]) == ["--foo"]
 
 
+def test_sigterm_exits_inside_the_block_only():
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exc:
+        with servers.sigterm_exits():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises first
+    assert exc.value.code == 143 and signal.getsignal(signal.SIGTERM) is before
+
+
 # ------------------------------------------------------------------------------- reporting
 
 def synthetic():

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import signal
 import sys
 import time
 from typing import Any, Sequence
 
-from sglang_nemodiff.servers import CPU_ARGS, ServerStartError, has_flag
+from sglang_nemodiff.servers import CPU_ARGS, ServerStartError, has_flag, sigterm_exits
 from sglang_nemodiff.speedbench.client import (PRECLOSE_TEXT, SCHEDULES, ApiConfig, PromptBuilder, RequestRecord,
                                                batches, load_tokenizer, run_sweep, server_facts)
 from sglang_nemodiff.speedbench.data import SPLITS, STANDIN_PATH, SpeedBenchDataError, load_rows, repeat_rows
@@ -189,13 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _warn_idle_workers(a, rows)
     if not has_flag(server_args, "--max-running-requests"):
         server_args += ["--max-running-requests", str(max(a.concurrency))]
-    # SIGTERM (e.g. from `timeout`) must still stop the servers, which run in their own process groups.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run = Run(a, rows)
-    if a.url:
-        run.running_servers()
-    else:
-        run.started_servers(entries, server_args)
+    with sigterm_exits():
+        if a.url:
+            run.running_servers()
+        else:
+            run.started_servers(entries, server_args)
     summary = aggregate(run.records, run.walls, a.baseline)
     meta = {"dataset": os.path.abspath(a.data), "split": a.split, "rows": len(rows),
             "turns": sum(len(r.turns) for r in rows), "api": a.api, "max_tokens": a.max_tokens,
