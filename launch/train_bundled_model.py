@@ -1,19 +1,25 @@
 #!/usr/bin/env python
-"""Train the bundled small NLD model (`sglang_nemodiff/bundled/nld-tiny/`).
-
-Recipe (NLD / Efficient-DLM): plain AR (next-token CE) first, then joint
-`L = L_AR + lambda * L_diffusion`. The diffusion loss uses noisy 32-token blocks `[seed, x1..x31]`
-(seed clean, the other positions masked with id 100 at a per-block ratio) that attend
-bidirectionally to themselves and to the clean causal prefix before them -- the inference pattern
--- with CE on the masked positions predicting the token at the SAME position.
-
-Data: Python standard-library sources (fixed sorted selection, every 10th file held out) plus
-generated copy/edit examples (snippet, instruction, snippet restated with a small change), which
-are weighted heavily: they are where drafting whole blocks pays off.
-
-CPU defaults (1 thread) finish in about 30 minutes; on CUDA raise --steps / --batch-size.
+"""Train the bundled small NLD model (`sglang_nemodiff/bundled/nld-tiny/`), end to end, one command:
 
     python launch/train_bundled_model.py --out sglang_nemodiff/bundled/nld-tiny
+
+Stages (fixed seeds; 1 torch thread on CPU by default, `--device cuda` runs the same on a GPU):
+
+1. `base1`: byte-level BPE tokenizer, then plain AR (next-token CE) and joint
+   `L = L_AR + lambda * L_diffusion` on Python standard-library sources (every 10th file held out)
+   and generated copy/edit examples. The diffusion loss uses noisy 32-token blocks `[seed, x1..x31]`
+   (seed clean, the other positions masked with id 100 at a per-block ratio) that attend
+   bidirectionally to themselves and to the clean causal prefix before them -- the inference pattern
+   -- with CE on the masked positions predicting the token at the SAME position.
+2. `base2`: the same objective continued on copy/edit examples only (distance-weighted diffusion CE).
+3. `distill`: self-distillation of the draft-only LoRA (o_proj) used by LinearSpec's draft pass: the
+   base model writes greedy continuations (batched, KV cache) of prompts from the training files; the
+   LoRA learns to predict those greedy tokens for blocks `[seed, MASK x 31]` seeded anywhere in them,
+   early block positions weighted more (see `sglang_nemodiff/tools/distill.py`). The base weights are
+   not changed, so AR and LinearSpec outputs are those of the base model.
+
+Stages can be run one at a time (`--stages base1`, ...); intermediate checkpoints go to `--work-dir`.
+A single base phase with custom flags: `python launch/train_bundled_model.py base --out DIR [flags]`.
 """
 
 from __future__ import annotations
@@ -42,9 +48,9 @@ ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
         "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="sglang_nemodiff/bundled/nld-tiny")
+def parse_base_args(argv=None):
+    p = argparse.ArgumentParser(prog="train_bundled_model.py base", description="One base training phase.")
+    p.add_argument("--out", required=True)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -268,7 +274,7 @@ writes Python-ish text and copies/edits code snippets; it is not a useful langua
   warmup {args.warmup}), weight decay {args.weight_decay}, seed {args.seed};
   {train_seconds / 60:.1f} min on {args.device_used} ({args.threads} thread(s)).
 
-Command: `{args.command}`
+Flags: `{args.command}`
 
 ## Loss curve (training batches, EMA)
 | step | L_AR | L_diffusion |
@@ -286,15 +292,16 @@ Tokens per forward of each mode: see `docs/perf-bundled.md`.
         # Continued training: keep the first phase's card, append this phase.
         phase = card.split("## Recipe", 1)[1].replace("\nTokens per forward of each mode: see `docs/perf-bundled.md`.\n", "")
         parent = args.parent_card.replace("\nTokens per forward of each mode: see `docs/perf-bundled.md`.\n", "")
-        card = (parent.rstrip() + f"\n\n## Continued training from `{args.init_from}` (no AR-only phase)"
+        card = (parent.rstrip() + "\n\n## Continued training from the previous phase (no AR-only phase)"
                 + phase.replace("\n## ", "\n### ") + "\nTokens per forward of each mode: see `docs/perf-bundled.md`.\n")
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(card)
 
 
-def main(argv=None):
-    a = parse_args(argv)
-    a.command = "python launch/train_bundled_model.py " + " ".join(sys.argv[1:] if argv is None else argv)
+def train_base(argv, label=None):
+    """One base phase (AR warm start + joint AR/diffusion) with the given flags."""
+    a = parse_base_args(argv)
+    a.command = label or ("python launch/train_bundled_model.py base " + " ".join(argv))
     from tqdm import tqdm
 
     torch.set_num_threads(a.threads)
@@ -406,6 +413,267 @@ def main(argv=None):
     size = sum(os.path.getsize(os.path.join(a.out, f)) for f in os.listdir(a.out))
     print(f"saved {a.out} ({size / 1e6:.1f} MB), trained {train_seconds / 60:.1f} min, "
           f"{tokens_seen:,} clean tokens, total {(time.time() - t_start) / 60:.1f} min", flush=True)
+    return {"out": a.out, "train_seconds": train_seconds, "seconds": time.time() - t_start}
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 3: self-distilled draft LoRA
+# --------------------------------------------------------------------------------------------
+
+# The two base phases of the recipe (flags of `train_base`).
+BASE1_FLAGS = ["--max-minutes", "0"]
+BASE2_FLAGS = ["--ar-steps", "0", "--steps", "220", "--stop-after", "163", "--max-minutes", "0",
+               "--copy-frac", "1.0", "--lr", "2e-3", "--warmup", "10", "--diffusion-weight", "0.5",
+               "--diff-pos-decay", "0.5", "--seed", "1", "--log-every", "20"]
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                    "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="sglang_nemodiff/bundled/nld-tiny")
+    p.add_argument("--work-dir", default="/tmp/nld-tiny-train", help="intermediate checkpoints (base phases)")
+    p.add_argument("--stages", default="base1,base2,distill")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    g = p.add_argument_group("distill (draft LoRA)")
+    g.add_argument("--base", default=None, help="base checkpoint to distill (default: <work-dir>/base)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--n-prompts", type=int, default=1500, help="training-corpus prompts to continue greedily")
+    g.add_argument("--gen-tokens", type=int, default=160, help="greedy tokens generated per prompt")
+    g.add_argument("--gen-batch", type=int, default=64)
+    g.add_argument("--rank", type=int, default=128)
+    g.add_argument("--alpha", type=float, default=256.0)
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--warmup", type=int, default=20)
+    g.add_argument("--steps", type=int, default=1200)
+    g.add_argument("--seqs-per-step", type=int, default=8)
+    g.add_argument("--blocks-per-seq", type=int, default=8)
+    g.add_argument("--tau", type=float, default=8.0, help="block position j weighted exp(-(j-1)/tau)")
+    g.add_argument("--reach", type=float, default=0.0,
+                   help="> 0: weight position j by P(drafts before j all right) + reach * exp(-(j-1)/tau)")
+    g.add_argument("--first-block-frac", type=float, default=0.1,
+                   help="share of blocks seeded at the first generated token")
+    g.add_argument("--eval-every", type=int, default=200)
+    g.add_argument("--val-prompts", type=int, default=16, help="validation prompts per set (training files)")
+    g.add_argument("--no-heldout-report", action="store_true",
+                   help="skip the held-out LinearSpec figures in the log and card (reporting only)")
+    return p.parse_args(argv)
+
+
+def load_train_model(path, device):
+    from safetensors.torch import load_file
+
+    from sglang_nemodiff.tools.training import NLDTrainModel
+
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    for k in ("model_type", "torch_dtype", "transformers_version"):
+        raw.pop(k, None)
+    model = NLDTrainModel(NemotronLabsDiffusionConfig(**raw))
+    state = load_file(os.path.join(path, "model.safetensors"))
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def distill_stage(a, device):
+    from transformers import PreTrainedTokenizerFast
+
+    from sglang_nemodiff.tools.distill import (
+        DraftLoRA, LinearSpecEval, build_prompts, greedy_generate, train_draft_lora, validation_prompts)
+    from sglang_nemodiff.tools.training import heldout_prompt_sets, stdlib_files
+
+    t_start = time.time()
+    base = a.base or os.path.join(a.work_dir, "base")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
+    model = load_train_model(base, device)
+    c = model.config
+    random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    # Training files only: a tenth of them (never used for prompts) gives the validation prompts.
+    files = stdlib_files("train")
+    val_files = [f for i, f in enumerate(files) if i % 10 == 5]
+    prompt_files = [f for i, f in enumerate(files) if i % 10 != 5]
+    prompts, kinds = build_prompts(prompt_files, tokenizer, a.n_prompts, random.Random(a.seed))
+    t0 = time.time()
+    data = greedy_generate(model, prompts, a.gen_tokens, EOS_ID, batch_size=a.gen_batch, kinds=kinds,
+                           progress=lambda d, n: print(f"  generated {d}/{n}", flush=True) if d % 512 == 0 or d == n else None)
+    gen_seconds = time.time() - t0
+    stats = {k: (sum(1 for s in data if s.kind == k), sum(len(s.tokens) - s.prompt_len for s in data if s.kind == k))
+             for k in dict.fromkeys(kinds)}
+    n_gen = sum(n for _, n in stats.values())
+    print(f"distill data: {len(data)} greedy continuations, {n_gen:,} generated tokens in {gen_seconds:.0f}s; "
+          + ", ".join(f"{k}: {n} prompts / {t:,} tokens" for k, (n, t) in stats.items()), flush=True)
+    t0 = time.time()
+    val = {k: LinearSpecEval(model, p, b, EOS_ID, MASK_ID, c.block_size)
+           for k, (p, b) in validation_prompts(val_files, tokenizer, a.val_prompts, seed=a.seed + 1).items()}
+    held = {}
+    if not a.no_heldout_report:
+        for k, ps in heldout_prompt_sets(tokenizer).items():
+            held[k] = LinearSpecEval(model, [p.input_ids for p in ps], [p.max_new_tokens for p in ps], EOS_ID,
+                                     MASK_ID, c.block_size)
+    print(f"evaluation sets built in {time.time() - t0:.0f}s", flush=True)
+
+    def evaluate(lora):
+        info = {}
+        for name, sets in (("val", val), ("heldout", held)):
+            for k, ev in sets.items():
+                r = ev(model, lora)
+                info[f"{name}_{k}"] = (r["tpf"], r["accepted"])
+        score = sum(info[f"val_{k}"][0] for k in val) / len(val)
+        return score, info
+
+    def log(row):
+        print(f"step {row['step']:5d} {row['minutes']:5.1f} min loss "
+              f"{'-' if row['loss'] is None else format(row['loss'], '.3f')} | "
+              + " | ".join(f"{k} TPF {v[0]:.2f} acc {v[1]:.2f}" for k, v in row.items() if isinstance(v, tuple)),
+              flush=True)
+
+    lora = DraftLoRA(c.num_hidden_layers, c.num_attention_heads * c.head_dim, c.hidden_size, a.rank, a.alpha,
+                     seed=a.seed).to(device)
+    t0 = time.time()
+    best_state, best_step, history = train_draft_lora(
+        model, lora, data, steps=a.steps, seqs_per_step=a.seqs_per_step, blocks_per_seq=a.blocks_per_seq,
+        lr=a.lr, warmup=a.warmup, tau=a.tau, reach=a.reach, mask_id=MASK_ID, block_size=c.block_size, seed=a.seed,
+        evaluate=evaluate, eval_every=a.eval_every, first_block_frac=a.first_block_frac, log=log)
+    train_seconds = time.time() - t0
+    lora.load_state_dict(best_state)
+    os.makedirs(a.out, exist_ok=True)
+    if os.path.abspath(base) != os.path.abspath(a.out):
+        import shutil
+
+        for name in CHECKPOINT_FILES:
+            if os.path.isfile(os.path.join(base, name)):
+                shutil.copyfile(os.path.join(base, name), os.path.join(a.out, name))
+    lora.save(os.path.join(a.out, "linear_spec_lora"))
+    return {"history": history, "best_step": best_step, "gen_seconds": gen_seconds, "train_seconds": train_seconds,
+            "seconds": time.time() - t_start, "stats": stats, "n_gen": n_gen, "base": base,
+            "n_params": sum(p.numel() for p in lora.parameters())}
+
+
+# --------------------------------------------------------------------------------------------
+# Model card
+# --------------------------------------------------------------------------------------------
+
+
+def write_card(a, device_name, stage_seconds, d):
+    """README.md of the final checkpoint: the base phases' card (written by `save_checkpoint`) and
+    the distillation stage."""
+    with open(os.path.join(d["base"], "README.md")) as f:
+        base_card = f.read()
+    # The base phases' card: architecture bullets, then the per-phase recipe, curves and evaluations.
+    arch = base_card[base_card.index("- Architecture:") : base_card.index("## Recipe")].rstrip()
+    base_body = base_card[base_card.index("## Recipe") :].replace(
+        "\nTokens per forward of each mode: see `docs/perf-bundled.md`.\n", "\n")
+    base_body = base_body.replace("\n## ", "\n### ").replace("## Recipe", "### Stage 1: base model", 1)
+    base_body = base_body.replace("### Continued training from the previous phase", "### Stage 2: continued training")
+    rows = []
+    for r in d["history"]:
+        cells = [str(r["step"]), f"{r['minutes']:.1f}", "" if r["loss"] is None else f"{r['loss']:.3f}"]
+        for k in ("val_continuation", "val_edit", "heldout_continuation", "heldout_edit"):
+            cells.append(f"{r[k][0]:.2f} / {r[k][1]:.2f}" if k in r else "")
+        rows.append("| " + " | ".join(cells) + " |")
+    best = next(r for r in d["history"] if r["step"] == d["best_step"])
+    held_c, held_e = (f"{best[k][0]:.2f} ({best[k][1]:.2f} accepted drafts per block)" if k in best else "n/a"
+                      for k in ("heldout_continuation", "heldout_edit"))
+    stats = ", ".join(f"{k} {n} prompts / {t:,} tokens" for k, (n, t) in d["stats"].items())
+    total = sum(stage_seconds.values())
+    times = ", ".join(f"{k} {v / 60:.1f} min" for k, v in stage_seconds.items())
+    card = f"""# nld-tiny: the bundled Nemotron-Labs Diffusion model
+
+A 3.8M-parameter model with the Nemotron-Labs Diffusion (NLD) architecture and the real HF
+checkpoint layout (weights + `linear_spec_lora/` draft adapter), trained from scratch by
+`launch/train_bundled_model.py` so that the plugin can be served and measured end to end without
+downloading a real NLD checkpoint. It is a toy language model of Python source code: it continues
+Python code in the style of the standard library and answers copy/edit requests in the chat format
+with a fenced code block. Its text is Python-shaped but often repetitive or wrong; what it is good
+for is exercising the three generation modes on a CPU: LinearSpec's self-distilled draft makes it
+produce the same tokens as AR in fewer forwards.
+
+{arch}
+- Draft-only LoRA (`linear_spec_lora/`, PEFT layout): `o_proj` of every layer, rank {a.rank}, alpha
+  {a.alpha:g}; used by LinearSpec's draft pass only.
+
+## Tokens per forward on the held-out sets
+
+LinearSpec on the held-out sets of `launch/measure_modes.py` with the shipped adapter (replayed from
+the draft acceptance, equal to the reference's LinearSpec): continuation {held_c}, edit {held_e}
+tokens per forward. All modes: `python launch/measure_modes.py --backend reference`
+(`docs/perf-bundled.md`).
+
+## Recipe
+
+One command, fixed seeds, {a.threads} torch thread(s) on {device_name}: `{a.command}`
+({total / 60:.1f} min in total: {times}).
+
+Stages 1 and 2 train the base weights; stage 3 trains only the draft-only LoRA, so AR and
+LinearSpec (equal to AR at temperature 0) produce the base model's tokens.
+
+{base_body.rstrip()}
+
+### Stage 3: self-distilled draft LoRA (LinearSpec)
+- Data: {len(d['history']) and ''}{a.n_prompts} prompts from the training files (none of the held-out files;
+  a tenth of the training files is kept apart for validation): {stats}. `cont` = a 64-256-token window of a
+  file, `def` = a file up to a `def`/`class` header, `head` = a bare header line, `edit` = a copy/edit
+  task. The base model continues each greedily for up to {a.gen_tokens} tokens (batched, KV cache;
+  {d['n_gen']:,} tokens in {d['gen_seconds'] / 60:.1f} min); the causal KV of every sequence is kept.
+- Objective: blocks `[seed, MASK x 31]` seeded anywhere in the generated part ({a.first_block_frac:.0%} at its
+  first token), attending bidirectionally to themselves and to the cached causal prefix; CE of the
+  draft logits (mask id excluded) toward the greedy tokens, block position j weighted exp(-(j-1)/{a.tau:g}).
+  Forward and backward run over the blocks only (the prefix KV is the base model's, untouched by the LoRA).
+- LoRA on `o_proj` of every layer, rank {a.rank}, alpha {a.alpha:g} ({d['n_params']:,} parameters, stored fp32),
+  B initialised to zero. AdamW lr {a.lr:g} (warm-up {a.warmup} steps, cosine to 2%), no weight decay,
+  {a.steps} steps of {a.seqs_per_step} sequences x {a.blocks_per_seq} blocks; {d['train_seconds'] / 60:.1f} min including
+  evaluations.
+- Validation every {a.eval_every} steps: LinearSpec's exact tokens per forward on {a.val_prompts} + {a.val_prompts}
+  validation prompts shaped like the held-out sets (a 192-token file window with 128 new tokens; a
+  copy/edit task with 160), replayed from the draft acceptance at every greedy position. The shipped
+  adapter is the one with the best mean validation TPF: step {d['best_step']}.
+
+Distillation curve (TPF / mean accepted drafts per block; held-out columns are the held-out sets of
+`launch/measure_modes.py`, reported only, never used for selection):
+
+| step | minutes | loss | val continuation | val edit | held-out continuation | held-out edit |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+    with open(os.path.join(a.out, "README.md"), "w") as f:
+        f.write(card)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["base"]:
+        train_base(argv[1:])
+        return
+    a = parse_args(argv)
+    a.command = "python launch/train_bundled_model.py " + " ".join(argv)
+    torch.set_num_threads(a.threads)
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                          (a.device if a.device != "auto" else "cpu"))
+    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    stages = a.stages.split(",")
+    common = ["--device", str(device.type), "--threads", str(a.threads)]
+    phase1, base = os.path.join(a.work_dir, "phase1"), os.path.join(a.work_dir, "base")
+    times = {}
+    t0 = time.time()
+    if "base1" in stages:
+        train_base(BASE1_FLAGS + common + ["--out", phase1], label=" ".join(BASE1_FLAGS))
+        times["stage 1"] = time.time() - t0
+    if "base2" in stages:
+        t0 = time.time()
+        train_base(BASE2_FLAGS + common + ["--init-from", phase1, "--out", base], label=" ".join(BASE2_FLAGS))
+        times["stage 2"] = time.time() - t0
+    if "distill" in stages:
+        t0 = time.time()
+        d = distill_stage(a, device)
+        times["stage 3"] = time.time() - t0
+        write_card(a, device_name, times, d)
+        check_checkpoint(a.out)
+        size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(a.out) for f in fs)
+        print(f"saved {a.out} ({size / 1e6:.1f} MB); best validation step {d['best_step']}", flush=True)
+    print("stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
+          + f"; total {sum(times.values()) / 60:.1f} min", flush=True)
 
 
 if __name__ == "__main__":
