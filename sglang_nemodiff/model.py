@@ -60,6 +60,39 @@ class PassOptions:
             return self.causal
         return not forward_batch.forward_mode.is_dllm_extend()
 
+    def kind(self, forward_batch: ForwardBatch) -> str:
+        """The pass kind the next forward runs: "causal", "bidirectional" or "draft"
+        (bidirectional with the draft LoRA)."""
+        if self.uses_causal_attention(forward_batch):
+            return "causal"
+        return "draft" if self.draft_lora else "bidirectional"
+
+
+class GraphPassGuard:
+    """A CUDA graph freezes the pass kind (attention pattern, draft LoRA) taken when it was
+    captured; a replay under another kind would silently compute the wrong pass. The model
+    records the kind per forward mode at capture; `check` (called before every replay, see
+    patches/cuda_graph_guard.py) raises if a forward asks for another kind. The diffusion modes
+    run without graphs (server_args.py), so this only fires if graphs are forced back on."""
+
+    def __init__(self):
+        self.captured: dict = {}
+
+    def record(self, forward_mode, kind: str) -> None:
+        self.captured[forward_mode] = kind
+
+    def check(self, forward_mode, kind: str) -> None:
+        captured = self.captured.get(forward_mode)
+        if captured is not None and captured != kind:
+            raise RuntimeError(
+                f"A CUDA graph captured for a {captured} {forward_mode.name} pass would be replayed "
+                f"for a {kind} pass; the NLD diffusion modes must run without CUDA graphs "
+                "(sglang_nemodiff disables them for --algorithm fastdiffuser/linearspec).")
+
+
+def capturing_cuda_graph() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
 
 class NLDAttention(nn.Module):
     def __init__(self, config, layer_id: int, pass_options: PassOptions, quant_config=None,
@@ -191,6 +224,7 @@ class NemotronLabsDiffusionModel(nn.Module):
         self.config = config
         self.quant_config = quant_config
         self.pass_options = PassOptions(ar_mode=bool(getattr(config, "ar_mode", False)))
+        self.graph_guard = GraphPassGuard()
         self.encoder = NLDEncoder(config, self.pass_options, quant_config)
         self.diffusion_head = ParallelLMHead(config.vocab_size, config.hidden_size,
                                              quant_config=quant_config, prefix="diffusion_head")
@@ -202,6 +236,8 @@ class NemotronLabsDiffusionModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids, positions, forward_batch: ForwardBatch, input_embeds=None, **kwargs):
+        if capturing_cuda_graph():
+            self.graph_guard.record(forward_batch.forward_mode, self.pass_options.kind(forward_batch))
         hidden = self.encoder(input_ids, positions, forward_batch, input_embeds)
         return self.logits_processor(input_ids, hidden, self.diffusion_head, forward_batch)
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from sglang_nemodiff.algorithms import dllm_algorithm_name
 from sglang_nemodiff.settings import DEFAULT_CONFIG, load_settings
+
+logger = logging.getLogger("sglang_nemodiff")
 
 OPTION_NAMES = ("algorithm", "ar_mode", "algorithm_config")
 # dLLM mode runs one request at a time unless told otherwise; NLD modes batch by default.
@@ -35,7 +38,15 @@ def map_nemodiff_options(options: dict, current: dict) -> dict:
                       dllm_fdfo=False)
         if current.get("max_running_requests") is None:
             fields["max_running_requests"] = DEFAULT_MAX_RUNNING_REQUESTS
-        if current.get("device") == "cpu":
-            # CUDA graphs on would make SGLang switch dLLM attention to flashinfer.
-            fields["disable_cuda_graph"] = True
+        # On every device: SGLang captures DLLM_EXTEND forwards in CUDA graphs, but an NLD round
+        # runs one model in several pass kinds (bidirectional draft with the draft LoRA,
+        # bidirectional denoise, causal verify/refresh) chosen in Python per forward. A graph
+        # freezes the branch taken at capture, so a replay could run the verify pass as a
+        # bidirectional one. Until one graph set per pass kind exists, the diffusion modes run
+        # eagerly (AR mode keeps SGLang's graphs). On CPU, graphs on would also make SGLang
+        # switch dLLM attention to flashinfer.
+        fields["disable_cuda_graph"] = True
+        logger.info("sglang_nemodiff: CUDA graphs are disabled for --algorithm %s (each round runs "
+                    "several attention/LoRA pass kinds; a captured graph would replay only one)",
+                    algorithm)
     return fields

@@ -6,14 +6,18 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from sglang_nemodiff.servers import CPU_ARGS as SERVER_CPU_ARGS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The oracle runs in this process: one thread, so it does not fight the servers for both cores.
+torch.set_num_threads(1)
 
 # The test servers run on CPU even where a GPU is visible (sglang_nemodiff.servers owns the flags).
-CPU_ARGS = (*SERVER_CPU_ARGS, "--skip-server-warmup")
-# A request's leaked KV slot turns into a hard error at idle (SGLANG_SEAMS.md).
+# --sleep-on-idle: an idle scheduler otherwise busy-polls and takes a core from the others.
+CPU_ARGS = (*SERVER_CPU_ARGS, "--skip-server-warmup", "--sleep-on-idle")
+# A request's leaked KV slot turns into a hard error when the server is idle.
 SERVER_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 PROMPT_TEXTS = [
@@ -68,10 +72,11 @@ class ServerPool:
         self.servers = {}
         self.started = 0
 
-    def get(self, model_path: str, algorithm: str, *extra: str):
+    def get(self, model_path: str, algorithm: str, *extra: str, env: dict | None = None):
         from sglang_nemodiff.servers import ManagedServer
 
-        key = (model_path, algorithm, extra)
+        env = env or {}
+        key = (model_path, algorithm, extra, tuple(sorted(env.items())))
         if key in self.servers:
             self.servers[key] = self.servers.pop(key)  # most recently used last
         else:
@@ -79,9 +84,12 @@ class ServerPool:
                 self.servers.pop(next(iter(self.servers))).stop()
             self.started += 1
             name = f"{self.started:02d}-{os.path.basename(model_path)}-{algorithm}.log"
+            # One core and one torch thread per server (servers alternate between the cores):
+            # two OpenMP threads per process on a shared 2-core machine make every matmul spin.
+            core = {"SGLANG_CPU_OMP_THREADS_BIND": str(self.started % (os.cpu_count() or 1))}
             server = ManagedServer(model_path, algorithm, [*CPU_ARGS, *extra],
                                    log_path=str(self.log_dir / name),
-                                   env={**os.environ, **SERVER_ENV})
+                                   env={**os.environ, **SERVER_ENV, **core, **env})
             server.start()
             try:
                 server.wait_ready(timeout=600)

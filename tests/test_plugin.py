@@ -96,3 +96,55 @@ def test_vllm_stub_only_without_vllm():
             "print(had or 'CPU shim' in (ops.__doc__ or ''))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+def test_diffusion_modes_never_capture_cuda_graphs_on_any_device():
+    """A graph captured for one pass kind must not replay another: the diffusion modes run
+    without CUDA graphs on every device; AR keeps SGLang's graphs."""
+    for device in ("cuda", "cpu", None):
+        current = {} if device is None else {"device": device}
+        for algorithm in ("linearspec", "fastdiffuser"):
+            assert map_nemodiff_options({"algorithm": algorithm}, current)["disable_cuda_graph"] is True
+        assert "disable_cuda_graph" not in map_nemodiff_options({"algorithm": "ar"}, current)
+
+
+def test_graph_pass_guard_raises_on_another_pass_kind():
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from sglang_nemodiff.model import GraphPassGuard, PassOptions
+
+    batch = SimpleNamespace(forward_mode=ForwardMode.DLLM_EXTEND)
+    options = PassOptions()
+    assert options.kind(batch) == "bidirectional"
+    options.draft_lora = True
+    assert options.kind(batch) == "draft"
+    options.causal = True
+    assert options.kind(batch) == "causal"
+    assert PassOptions(ar_mode=True).kind(batch) == "causal"
+    guard = GraphPassGuard()
+    guard.check(ForwardMode.DLLM_EXTEND, "causal")  # nothing captured: nothing to check
+    guard.record(ForwardMode.DLLM_EXTEND, "bidirectional")
+    guard.check(ForwardMode.DLLM_EXTEND, "bidirectional")
+    with pytest.raises(RuntimeError, match="captured for a bidirectional DLLM_EXTEND pass"):
+        guard.check(ForwardMode.DLLM_EXTEND, "causal")
+
+
+def test_prompt_id_validation_messages():
+    from sglang_nemodiff.patches.request_validation import out_of_vocab_message
+
+    assert out_of_vocab_message([0, 5, 383], 384) is None
+    assert out_of_vocab_message([100], 384) is None  # the mask id is a valid prompt token
+    assert "input_ids[2] = 384" in out_of_vocab_message([1, 2, 384], 384)
+    assert "input_ids[0] = -1" in out_of_vocab_message([-1], 384)
+    assert "not an integer" in out_of_vocab_message([1, "x"], 384)
+
+
+def test_cpu_thread_binding_spec():
+    from sglang_nemodiff.patches.cpu_threads import parse_cpu_ids
+
+    assert parse_cpu_ids("1") == [1]
+    assert parse_cpu_ids("0-3") == [0, 1, 2, 3]
+    assert parse_cpu_ids("0,2,4-5") == [0, 2, 4, 5]
+    assert parse_cpu_ids([3, 1]) == [1, 3]

@@ -13,6 +13,7 @@ SUPPORTED_SGLANG = "0.5.23"
 MODULES = (
     "vllm_stub",
     "cpu_parallel_groups",
+    "cpu_threads",
     "server_args_cli",
     "engine_kwargs",
     "dllm_config",
@@ -20,6 +21,9 @@ MODULES = (
     "dllm_scheduler_result",
     "dllm_scheduler_stash",
     "dllm_scheduler_finish",
+    "dllm_kv_pressure",
+    "request_validation",
+    "cuda_graph_guard",
     "output_stats",
     "attention_backend_registry",
 )

@@ -1,0 +1,145 @@
+"""No request and no load can take the server down, in every mode: bad inputs get a 4xx naming the
+problem (or AR's clamp) and leave the server serving; KV pressure completes every request with
+the oracle's tokens; a hung scheduler turns /health red."""
+
+import os
+import random
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from conftest import generate, generate_many
+from sglang_nemodiff.reference import ar_generate, fastdiffuser_generate
+
+pytestmark = pytest.mark.slow
+
+MODES = ("ar", "linearspec", "fastdiffuser")
+VOCAB = 384  # the tiny checkpoint's
+MASK_ID = 100
+
+
+@pytest.fixture(scope="module", params=MODES)
+def any_server(request, server_pool, tiny_checkpoint):
+    return server_pool.get(tiny_checkpoint, request.param)
+
+
+def oracle(mode, reference, ids, max_new_tokens):
+    """The reference tokens a server in `mode` must return at temperature 0."""
+    generate_fn = fastdiffuser_generate if mode == "fastdiffuser" else ar_generate
+    return generate_fn(reference, ids, max_new_tokens, eos_id=11).tokens
+
+
+def post(server, path, payload, **kwargs):
+    return requests.post(server.url + path, json=payload, timeout=120, **kwargs)
+
+
+def assert_serving(server, prompt):
+    assert requests.get(server.url + "/health", timeout=60).status_code == 200
+    assert len(generate(server, prompt, 4)["output_ids"]) == 4
+
+
+@pytest.mark.parametrize("bad_id", [VOCAB, VOCAB + 10_000, -1])
+def test_out_of_vocab_prompt_ids_are_400_and_harmless(any_server, prompts, bad_id):
+    ids = [5, 6, 7, bad_id, 8]
+    response = post(any_server, "/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 4}})
+    assert response.status_code == 400, response.text
+    assert "input_ids[3]" in response.text and "outside the vocabulary" in response.text
+    completions = post(any_server, "/v1/completions", {"model": "m", "prompt": ids, "max_tokens": 4})
+    assert completions.status_code == 400 and "outside the vocabulary" in completions.text
+    assert_serving(any_server, prompts[0])
+
+
+def test_held_inputs_still_answered_cleanly(any_server, prompts, reference):
+    """Inputs that already worked keep working: each a 4xx naming the problem, or AR's clamp."""
+    def status(payload):
+        return post(any_server, "/generate", payload).status_code
+
+    assert status({"input_ids": [], "sampling_params": {"max_new_tokens": 4}}) == 400
+    assert status({"text": "", "sampling_params": {"max_new_tokens": 4}}) in (200, 400)
+    assert status({"input_ids": [7] * 5000, "sampling_params": {"max_new_tokens": 4}}) == 400
+    assert status({"input_ids": prompts[0], "sampling_params": {"max_new_tokens": -1}}) == 400
+    # 10^9 new tokens is clamped to the context (SGLang's AR behaviour), the request runs.
+    huge = post(any_server, "/generate", {"input_ids": [7] * 4000, "sampling_params": {
+        "max_new_tokens": 10**9, "temperature": 0}})
+    assert huge.status_code in (200, 400), huge.text
+    assert status({"input_ids": prompts[0], "sampling_params": {"temperature": -1}}) == 400
+    assert status({"input_ids": prompts[0], "sampling_params": {"top_p": 0}}) == 400
+    assert status({"input_ids": prompts[0], "sampling_params": {"max_new_tokens": 4,
+                                                                "stop_token_ids": [VOCAB + 5]}}) in (200, 400)
+    assert status({"text": "nul \x00 and emoji \U0001F600", "sampling_params": {
+        "max_new_tokens": 4, "temperature": 0}}) == 200
+    malformed = requests.post(any_server.url + "/generate", data=b'{"text": "x", ', timeout=60,
+                              headers={"Content-Type": "application/json"})
+    assert 400 <= malformed.status_code < 500
+    # The mask id is an ordinary prompt token: it must not confuse a block.
+    with_mask = prompts[1][:5] + [MASK_ID] + prompts[1][5:]
+    assert generate(any_server, with_mask, 24)["output_ids"] == \
+        oracle(any_server.algorithm, reference, with_mask, 24)
+    assert_serving(any_server, prompts[0])
+
+
+def test_request_near_the_end_of_the_context_finishes(any_server, reference):
+    """Near the end of the context (a 32-token block would pass it) a request ends cleanly
+    with finish reason length and AR's tokens so far."""
+    prompt = [random.Random(3).randrange(130, VOCAB) for _ in range(4096 - 40)]
+    response = generate(any_server, prompt, 39)
+    assert response["meta_info"]["finish_reason"]["type"] == "length"
+    tokens = response["output_ids"]
+    assert 1 <= len(tokens) <= 39
+    assert tokens == oracle(any_server.algorithm, reference, prompt, 39)[: len(tokens)]
+
+
+# A small pool, and an optimistic growth estimate so that admission over-commits and the
+# retraction path must run (the default estimate alone keeps this load from running out).
+PRESSURE_ARGS = ("--max-total-tokens", "1024", "--schedule-conservativeness", "0.3")
+
+
+@pytest.mark.parametrize("mode", ["linearspec", "fastdiffuser"])
+def test_kv_pressure_completes_every_request(server_pool, tiny_checkpoint, reference, mode):
+    """More tokens in flight than the pool holds (6 x (64 + 300) on 1,024 slots): every request
+    completes with the oracle's tokens; admission reserves growth and, when the pool still runs
+    out, a request is retracted and re-encoded (the log says so) instead of livelocking."""
+    server = server_pool.get(tiny_checkpoint, mode, *PRESSURE_ARGS)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(130, VOCAB) for _ in range(64)] for _ in range(6)]
+    t0 = time.monotonic()
+    responses = generate_many(server, prompts, 300)
+    elapsed = time.monotonic() - t0
+    for ids, response in zip(prompts, responses):
+        assert response["output_ids"] == oracle(mode, reference, ids, 300)
+    log = open(server.log_path, errors="replace").read()
+    assert "retracted request" in log, "the pressure did not reach retraction: tighten the test"
+    print(f"{mode}: 6 requests under KV pressure in {elapsed:.1f} s, "
+          f"{log.count('retracted request')} retractions")
+    time.sleep(3)  # idle: the strict KV check runs; a leaked slot kills the server
+    assert_serving(server, prompts[0][:8])
+
+
+def _scheduler_pid(server):
+    import psutil
+
+    for child in psutil.Process(server.proc.pid).children(recursive=True):
+        if "scheduler" in " ".join(child.cmdline()) or "scheduler" in child.name():
+            return child.pid
+    raise AssertionError("no scheduler process found")
+
+
+def test_health_reflects_a_hung_scheduler(linearspec_server, prompts):
+    pid = _scheduler_pid(linearspec_server)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        response = requests.get(linearspec_server.url + "/health", timeout=90)
+        assert response.status_code == 503
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert_serving(linearspec_server, prompts[0])
+
+
+def test_rejections_are_logged_with_the_reason(linearspec_server):
+    post(linearspec_server, "/generate", {"input_ids": [1, VOCAB], "sampling_params": {}})
+    time.sleep(0.5)
+    log = open(linearspec_server.log_path, errors="replace").read()
+    assert "[nemodiff] rejected request" in log and "outside the vocabulary" in log
