@@ -17,7 +17,6 @@ cache dtype other than the query's) fall back to the parent's SDPA path.
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -27,6 +26,7 @@ from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
+from sglang_nemodiff.kernels.dispatch import triton_interpreting
 from sglang_nemodiff.kernels.structured_attention import (
     BLOCK_BIDIRECTIONAL,
     CAUSAL,
@@ -41,10 +41,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "nemodiff"
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class _ExtendMetadata:
@@ -144,7 +140,3 @@ class NemodiffAttnBackend(TorchNativeAttnBackend):
             max_prefix_len=meta.max_prefix_len,
         )
         return o
-
-
-def create_nemodiff_backend(model_runner) -> NemodiffAttnBackend:
-    return NemodiffAttnBackend(model_runner)

@@ -14,6 +14,7 @@ class AlgorithmSettings:
     threshold: float = 0.9
     use_lora: bool = True
     lora_path: str | None = None
+    draft_sampling: str = "sample"
 
     @classmethod
     def from_mapping(cls, raw: dict | None, source: str = "algorithm config") -> "AlgorithmSettings":
@@ -28,6 +29,8 @@ class AlgorithmSettings:
             raise ValueError(f"{source}: block_size must be an integer >= 2")
         if not 0.0 < float(settings.threshold) <= 1.0:
             raise ValueError(f"{source}: threshold must be in (0, 1]")
+        if settings.draft_sampling not in ("sample", "argmax"):
+            raise ValueError(f"{source}: draft_sampling must be 'sample' or 'argmax'")
         return settings
 
 

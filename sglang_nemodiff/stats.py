@@ -1,9 +1,18 @@
-"""Per-request decoding stats: forwards spent, tokens per forward, accepted drafts per block."""
+"""What one round of an NLD algorithm did for one request, and the stats built from it.
+
+`RoundResult` is the typed record an algorithm returns per request (through SGLang's
+`dllm_algo_state` slot); the scheduler patch stores it once on the request
+(`req.nemodiff_round`), where the KV stash reads `keep`, and folds it into the request's
+`RequestStats` (meta_info) and the server's `IntervalStats` (the periodic log line), in the
+manner of vLLM's SpecDecodingStats.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 logger = logging.getLogger("sglang_nemodiff")
 
@@ -12,66 +21,109 @@ META_KEYS = ("nemodiff_algorithm", "nemodiff_forwards", "nemodiff_tokens_per_for
 LOG_INTERVAL_S = 10.0
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Logprobs of the tokens a round emitted (one entry per token)."""
+
+    token_logprobs: list  # [float]
+    top_logprobs: Optional[list] = None  # [(values, ids)] per token
+    ids_logprobs: Optional[list] = None  # [values for the requested ids] per token
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One request's share of one forward round."""
+
+    forwards: int  # forwards spent on the request in this round
+    tokens: int  # tokens emitted
+    keep: Optional[int] = None  # block rounds: leading block slots whose causal KV is kept
+    accepted: Optional[int] = None  # LinearSpec: drafts accepted
+    block_size: Optional[int] = None  # block rounds: the block size used
+    logprobs: Optional[TokenLogprobs] = None
+
+    @property
+    def is_block(self) -> bool:
+        return self.keep is not None
+
+
+@dataclass
 class RequestStats:
-    __slots__ = ("algorithm", "forwards", "blocks", "accepted")
+    """Accumulated over a request's rounds; published in meta_info when it finishes."""
 
-    def __init__(self, algorithm: str):
-        self.algorithm = algorithm
-        self.forwards = 0
-        self.blocks = 0
-        self.accepted = 0
+    mode: str
+    forwards: int = 0
+    blocks: int = 0
+    accepted: int = 0
+    drafted: bool = False
 
-    def add_round(self, stats: dict, is_block: bool):
-        self.forwards += stats.get("forwards", 0)
-        if is_block:
+    def add(self, result: RoundResult) -> None:
+        self.forwards += result.forwards
+        if result.is_block:
             self.blocks += 1
-            self.accepted += stats.get("accepted") or 0
+        if result.accepted is not None:
+            self.accepted += result.accepted
+            self.drafted = True
+
+    def meta_info(self, tokens: int) -> dict:
+        values = {
+            "nemodiff_algorithm": self.mode,
+            "nemodiff_forwards": self.forwards,
+            "nemodiff_tokens_per_forward": round(tokens / max(self.forwards, 1), 4),
+            "nemodiff_blocks": self.blocks,
+        }
+        if self.drafted:
+            # Tokens committed per block: accepted drafts plus the bonus token.
+            values["nemodiff_accept_length"] = round(self.accepted / max(self.blocks, 1) + 1, 4)
+        return values
 
 
 def publish_stats(req) -> None:
     """Attach the final stats to the request's meta_info (request-level customized info)."""
-    stats = req.nemodiff_stats
     tokens = len(req.output_ids) if req.finished_len is None else req.finished_len
-    values = {
-        "nemodiff_algorithm": stats.algorithm.removeprefix("Nemodiff").lower(),
-        "nemodiff_forwards": stats.forwards,
-        "nemodiff_tokens_per_forward": round(tokens / max(stats.forwards, 1), 4),
-        "nemodiff_blocks": stats.blocks,
-    }
-    if stats.algorithm == "NemodiffLinearSpec":
-        # Tokens committed per block: accepted drafts plus the bonus token.
-        values["nemodiff_accept_length"] = round(stats.accepted / max(stats.blocks, 1) + 1, 4)
+    values = req.nemodiff_stats.meta_info(tokens)
     req.customized_info = {**(req.customized_info or {}), **{k: [v] for k, v in values.items()}}
 
 
-class _Interval:
-    last = time.monotonic()
-    forwards = tokens = blocks = accepted = 0
-    drafted = False  # a LinearSpec round (with an acceptance count) was seen
+@dataclass
+class IntervalStats:
+    """Server-wide counters since the last log line (one instance per scheduler)."""
 
+    forwards: int = 0
+    tokens: int = 0
+    blocks: int = 0
+    accepted: int = 0
+    drafted: bool = False
+    block_sizes: dict = field(default_factory=dict)
+    last_log: float = field(default_factory=time.monotonic)
 
-def log_interval_stats(batch, round_stats) -> None:
-    """A periodic log line like SGLang's speculative-decoding stats."""
-    for req, stats in zip(batch.reqs, round_stats):
-        if stats is None:
-            continue
-        _Interval.forwards += stats.get("forwards", 0)
-        if "keep" in stats:
-            _Interval.tokens += stats["keep"]
-            _Interval.blocks += 1
-            if stats.get("accepted") is not None:
-                _Interval.accepted += stats["accepted"]
-                _Interval.drafted = True
-        else:
-            _Interval.tokens += 1
-    now = time.monotonic()
-    if now - _Interval.last < LOG_INTERVAL_S or not _Interval.forwards:
-        return
-    msg = (f"[nemodiff] #blocks: {_Interval.blocks}, #forwards: {_Interval.forwards}, "
-           f"tokens/forward: {_Interval.tokens / _Interval.forwards:.2f}")
-    if _Interval.drafted:
-        msg += f", accept len: {_Interval.accepted / max(_Interval.blocks, 1) + 1:.2f}"
-    logger.info(msg)
-    _Interval.last = now
-    _Interval.forwards = _Interval.tokens = _Interval.blocks = _Interval.accepted = 0
-    _Interval.drafted = False
+    def observe(self, result: RoundResult) -> None:
+        self.forwards += result.forwards
+        self.tokens += result.tokens
+        if result.is_block:
+            self.blocks += 1
+            if result.block_size is not None:
+                self.block_sizes[result.block_size] = self.block_sizes.get(result.block_size, 0) + 1
+        if result.accepted is not None:
+            self.accepted += result.accepted
+            self.drafted = True
+
+    def reset(self) -> None:
+        self.forwards = self.tokens = self.blocks = self.accepted = 0
+        self.drafted = False
+        self.block_sizes = {}
+        self.last_log = time.monotonic()
+
+    def line(self) -> str:
+        msg = (f"[nemodiff] #blocks: {self.blocks}, #forwards: {self.forwards}, "
+               f"tokens/forward: {self.tokens / max(self.forwards, 1):.2f}")
+        if self.drafted:
+            msg += f", accept len: {self.accepted / max(self.blocks, 1) + 1:.2f}"
+        if self.block_sizes:
+            sizes = ", ".join(f"{b}: {n}" for b, n in sorted(self.block_sizes.items()))
+            msg += f", blocks per size: {{{sizes}}}"
+        return msg
+
+    def maybe_log(self) -> None:
+        if self.forwards and time.monotonic() - self.last_log >= LOG_INTERVAL_S:
+            logger.info(self.line())
+            self.reset()

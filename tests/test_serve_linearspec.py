@@ -79,7 +79,6 @@ def test_streaming_matches_non_streaming(linearspec_server, prompts):
 
 
 @pytest.mark.parametrize("params, feature", [
-    ({"sampling_params": {"temperature": 0.7, "max_new_tokens": 8}}, "temperature"),
     ({"sampling_params": {"temperature": 0, "max_new_tokens": 8}, "return_logprob": True}, "logprobs"),
     ({"sampling_params": {"temperature": 0, "max_new_tokens": 8, "regex": "[a-z]+"}}, "regex"),
     ({"sampling_params": {"temperature": 0, "max_new_tokens": 8,

@@ -1,4 +1,4 @@
-"""NLD generation modes as SGLang dLLM algorithms, and the `--algorithm` name registry."""
+"""NLD generation modes as SGLang dLLM algorithms: the one registry of `--algorithm` names."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ ALGORITHMS = {
     "fastdiffuser": "NemodiffFastDiffuser",
     "linearspec": "NemodiffLinearSpec",
 }
+MODES = {class_name: mode for mode, class_name in ALGORITHMS.items() if class_name}
 
 
 def dllm_algorithm_name(algorithm: str) -> str | None:
@@ -18,9 +19,16 @@ def dllm_algorithm_name(algorithm: str) -> str | None:
                          f"{', '.join(ALGORITHMS)}") from None
 
 
+def mode_of(dllm_algorithm: str) -> str:
+    """SGLang dLLM algorithm class name -> --algorithm value."""
+    return MODES[dllm_algorithm]
+
+
 def algorithm_classes() -> dict:
     """Class name -> class, for SGLang's `algo_name_to_cls` (imports SGLang)."""
     from sglang_nemodiff.algorithms.fastdiffuser import NemodiffFastDiffuser
     from sglang_nemodiff.algorithms.linearspec import NemodiffLinearSpec
 
-    return {cls.__name__: cls for cls in (NemodiffFastDiffuser, NemodiffLinearSpec)}
+    classes = (NemodiffFastDiffuser, NemodiffLinearSpec)
+    assert {cls.__name__: cls.mode_name for cls in classes} == MODES
+    return {cls.__name__: cls for cls in classes}

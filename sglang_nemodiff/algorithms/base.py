@@ -1,19 +1,23 @@
 """What FastDiffuser and LinearSpec share inside SGLang's dLLM scheduler.
 
 Invariant between rounds: the KV cache holds every committed token but the last one, the *seed*.
-- The causal prefill (an EXTEND batch, chunked like any prefill) encodes the prompt; the argmax of
-  its last position is the first seed, emitted at once (as AR would).
-- Each round is one DLLM_EXTEND batch over the block `[seed, MASK × (B-1)]` at the seed's position.
-  The algorithm fills it with bidirectional passes, then runs ONE causal pass over the block, which
-  writes causal KV for all B slots. The first `keep` slots' KV is kept (the scheduler patch frees
-  the rest), and `keep` tokens are emitted: block[1:keep] plus the causal argmax at slot keep-1,
-  the next seed. FastDiffuser keeps the whole block; LinearSpec the seed plus accepted drafts.
-Every forward is counted per request and reported in meta_info (`nemodiff_forwards`).
+- The causal prefill (an EXTEND batch, chunked like any prefill) encodes the prompt; the token
+  after its last position (argmax, or a sample at temperature > 0) is the first seed, emitted at
+  once, as AR would.
+- Each round is one DLLM_EXTEND batch over the block `[seed, MASK x (B-1)]` at the seed's
+  position. The algorithm fills it with bidirectional passes, then runs ONE causal pass over the
+  block, which writes causal KV for all B slots. The first `keep` slots' KV is kept (the
+  scheduler patch frees the rest) and `keep` tokens are emitted: block[1:keep] plus one token
+  from the causal pass at slot keep-1, the next seed. FastDiffuser keeps the whole block;
+  LinearSpec the seed plus its accepted drafts.
+The requests of the batch (`round_reqs`, set by patches/dllm_round_requests.py) give each
+request's sampling parameters; every forward is counted per request (`RoundResult`).
 """
 
 from __future__ import annotations
 
-import os
+import logging
+from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import torch
@@ -23,51 +27,61 @@ from sglang.srt.dllm.config import DllmConfig
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
 from sglang_nemodiff import kernels
+from sglang_nemodiff.algorithms.sampling import BatchSampling, sample_from
 from sglang_nemodiff.config import ARCHITECTURE
 from sglang_nemodiff.settings import AlgorithmSettings
+from sglang_nemodiff.stats import RoundResult
+
+logger = logging.getLogger("sglang_nemodiff")
 
 
-def confidence_argmax(logits: torch.Tensor, mask_id: int):
+def masked_confidence_argmax(logits: torch.Tensor, mask_id: int):
     """[..., V] logits -> argmax with the mask id excluded, and its probability with the mask id
-    kept in the softmax: the fused one-pass Triton kernel on GPU (or under TRITON_INTERPRET=1),
-    its PyTorch reference on CPU."""
+    kept in the softmax (the fused kernel where Triton runs, its PyTorch reference elsewhere)."""
     flat = logits.reshape(-1, logits.shape[-1])
-    if flat.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        token, prob = kernels.confidence_argmax(flat, mask_id)
-    else:
-        token, prob = kernels.confidence_argmax_reference(flat, mask_id)
+    token, prob = kernels.select(kernels.confidence_argmax, kernels.confidence_argmax_reference,
+                                 flat)(flat, mask_id)
     return token.view(logits.shape[:-1]), prob.view(logits.shape[:-1])
+
+
+@dataclass
+class BlockFill:
+    """What a mode's bidirectional passes produced for the block."""
+
+    forwards: int
+    sampled_rows: Optional[torch.Tensor] = None  # rows that sampled (temperature > 0)
+    draft_probs: Optional[torch.Tensor] = None  # LinearSpec: q of those rows' drafts [r, B-1, V]
 
 
 class NLDBlockAlgorithm(DllmAlgorithm):
     supported_architectures = (ARCHITECTURE,)
     requires_separate_context_encoding = True
     supported_attention_backends = ("torch_native", "triton", "flashinfer", "fa3", "nemodiff")
-    # Both modes decide per block from argmaxes; request features they cannot honour.
     mode_name = "diffusion"
+    # Request features a mode cannot serve yet: (test, name) pairs, see validate_request.
+    supports_penalties = False
 
     def __init__(self, config: DllmConfig):
         super().__init__(config)
         self.settings = AlgorithmSettings.from_mapping(config.algorithm_config)
-        self.fdfo = False  # a round always resolves its block
+        self.round_reqs: Optional[list] = None  # set before every run (dllm_round_requests)
+        self.eos_id: Optional[int] = None
 
     @classmethod
-    def validate_request(cls, req) -> Optional[str]:
+    def unsupported_features(cls, req) -> List[str]:
         sp = req.sampling_params
         unsupported = []
-        if sp.temperature > 0 and not (sp.top_k == 1):
-            unsupported.append(f"temperature={sp.temperature} (only greedy decoding, temperature 0)")
-        for name, value, default in (
-            ("frequency_penalty", sp.frequency_penalty, 0.0),
-            ("presence_penalty", sp.presence_penalty, 0.0),
-            ("repetition_penalty", sp.repetition_penalty, 1.0),
-            ("min_new_tokens", sp.min_new_tokens, 0),
-            ("min_p", sp.min_p, 0.0),
-        ):
-            if value != default:
-                unsupported.append(name)
-        if sp.logit_bias:
-            unsupported.append("logit_bias")
+        if not cls.supports_penalties:
+            for name, value, default in (
+                ("frequency_penalty", sp.frequency_penalty, 0.0),
+                ("presence_penalty", sp.presence_penalty, 0.0),
+                ("repetition_penalty", sp.repetition_penalty, 1.0),
+                ("min_new_tokens", sp.min_new_tokens, 0),
+            ):
+                if value != default:
+                    unsupported.append(name)
+            if sp.logit_bias:
+                unsupported.append("logit_bias")
         for name in ("json_schema", "regex", "ebnf", "structural_tag"):
             if getattr(sp, name, None) is not None:
                 unsupported.append(f"{name} (constrained decoding)")
@@ -79,46 +93,73 @@ class NLDBlockAlgorithm(DllmAlgorithm):
             unsupported.append(f"n={sp.n} (parallel sampling)")
         if sp.max_new_tokens == 0:
             unsupported.append("max_new_tokens=0 (prompt scoring, e.g. sgl.select)")
+        return unsupported
+
+    @classmethod
+    def validate_request(cls, req) -> Optional[str]:
+        unsupported = cls.unsupported_features(req)
         if not unsupported:
             return None
-        return (f"--algorithm {cls.mode_name} does not support: {', '.join(unsupported)}. "
-                "Serve the model with --algorithm ar for these features.")
+        message = (f"--algorithm {cls.mode_name} does not support: {', '.join(unsupported)}. "
+                   "Serve the model with --algorithm ar for these features.")
+        logger.warning("[nemodiff] rejected request %s: %s", req.rid, message)
+        return message
 
     def init_step_state(self, forward_batch: ForwardBatch) -> List[Any]:
         return [None] * forward_batch.batch_size
 
+    def _sampling(self, forward_batch: ForwardBatch, vocab_size: int) -> BatchSampling:
+        device = forward_batch.input_ids.device
+        if self.round_reqs is None or len(self.round_reqs) != forward_batch.batch_size:
+            return BatchSampling.greedy_batch(forward_batch.batch_size, device)
+        return BatchSampling.from_reqs(self.round_reqs, vocab_size, device)
+
     def run(self, model_runner, forward_batch: ForwardBatch,
             algo_states: Optional[List[Any]] = None) -> DllmRunOutput:
         bs = forward_batch.batch_size
+        vocab_size = model_runner.model_config.vocab_size
+        sampling = self._sampling(forward_batch, vocab_size)
         if not forward_batch.forward_mode.is_dllm_extend():
-            # Causal prefill of uncached committed tokens; its last argmax is the seed.
+            # Causal prefill of uncached committed tokens; the token after it is the seed.
             if forward_batch.input_ids.numel() == 0:
                 return None, [], None, None, False
             out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
-            seeds = out.logits_output.next_token_logits.argmax(dim=-1).tolist()
-            return out.logits_output, seeds, None, [{"forwards": 1}] * bs, out.can_run_graph
+            logits = out.logits_output.next_token_logits.unsqueeze(1)
+            seeds = self.next_tokens(sampling.adjust(logits), sampling, stream=0)[:, 0]
+            results = [RoundResult(forwards=1, tokens=1)] * bs
+            return out.logits_output, seeds.tolist(), None, results, out.can_run_graph
 
-        if not hasattr(self, "eos_id"):
+        if self.eos_id is None:
             eos = model_runner.model_config.hf_config.eos_token_id
             self.eos_id = eos[0] if isinstance(eos, (list, tuple)) else eos
         block = forward_batch.input_ids.view(bs, self.block_size)
-        forwards = self.fill_block(model_runner, forward_batch, block)
-        # One causal pass over the finished block: causal KV for every slot, argmax per slot.
+        fill = self.fill_block(model_runner, forward_batch, block, sampling)
+        # One causal pass over the finished block: causal KV for every slot, logits per slot.
         out = self.forward_pass(model_runner, forward_batch, causal=True)
-        causal_argmax = out.logits_output.full_logits.view(bs, self.block_size, -1).argmax(-1)
-        keep, accepted = self.accept(block, causal_argmax)
-        bonus = causal_argmax.gather(1, (keep - 1)[:, None])
-        emitted = torch.cat([block[:, 1:], bonus], dim=1)
-        keep_list = keep.tolist()
-        emitted_list = emitted.tolist()
+        verify = out.logits_output.full_logits.view(bs, self.block_size, -1)
+        keep, accepted, bonus = self.accept(block, verify, sampling, fill)
+        keep_list, bonus_list = keep.tolist(), bonus.tolist()
         accepted_list = accepted.tolist() if accepted is not None else [None] * bs
-        tokens = [
-            torch.tensor(emitted_list[i][: keep_list[i] - 1] + [emitted_list[i][-1]])
-            for i in range(bs)
-        ]
-        stats = [{"forwards": forwards + 1, "keep": keep_list[i], "accepted": accepted_list[i]}
-                 for i in range(bs)]
-        return out.logits_output, tokens, None, stats, out.can_run_graph
+        rows = block.tolist()
+        tokens = [torch.tensor(rows[i][1:keep_list[i]] + [bonus_list[i]]) for i in range(bs)]
+        results = [RoundResult(forwards=fill.forwards + 1, tokens=keep_list[i], keep=keep_list[i],
+                               accepted=accepted_list[i], block_size=self.block_size)
+                   for i in range(bs)]
+        return out.logits_output, tokens, None, results, out.can_run_graph
+
+    @staticmethod
+    def next_tokens(logits: torch.Tensor, sampling: BatchSampling, stream: int) -> torch.Tensor:
+        """The token each slot of logits [bs, n, V] generates: the argmax for greedy requests, a
+        sample from the request's distribution otherwise. Returns [bs, n]."""
+        tokens = logits.argmax(-1)
+        if not sampling.all_greedy:
+            rows = (~sampling.greedy).nonzero().squeeze(1)
+            chosen = sampling.select(rows)
+            probs = chosen.probs(logits[rows])
+            n, V = probs.shape[1], probs.shape[2]
+            u = chosen.uniforms(n, stream, logits.device)
+            tokens[rows] = sample_from(probs.reshape(-1, V), u.reshape(-1)).view(-1, n)
+        return tokens
 
     @staticmethod
     def forward_pass(model_runner, forward_batch, causal: bool, draft_lora: bool = False):
@@ -129,10 +170,11 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         finally:
             options.causal, options.draft_lora = None, False
 
-    # Subclasses: fill `block` [bs, B] in place with bidirectional passes; return forwards used.
-    def fill_block(self, model_runner, forward_batch, block):
+    # Subclasses: fill `block` [bs, B] in place with bidirectional passes.
+    def fill_block(self, model_runner, forward_batch, block, sampling: BatchSampling) -> BlockFill:
         raise NotImplementedError
 
-    # Subclasses: slots to keep per request (>= 1, includes the seed) and accepted drafts (or None).
-    def accept(self, block, causal_argmax):
+    # Subclasses: (keep [bs], accepted drafts [bs] or None, bonus token [bs]) from the verify
+    # logits [bs, B, V]; keep >= 1 includes the seed.
+    def accept(self, block, verify, sampling: BatchSampling, fill: BlockFill):
         raise NotImplementedError

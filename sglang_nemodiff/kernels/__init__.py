@@ -4,6 +4,8 @@ Self-contained: imports only torch and triton (never sglang), so the kernels and
 launch/bench_kernels.py run on a GPU machine without SGLang installed.
 """
 
+from .dispatch import select, triton_interpreting, use_triton
+from .speculative import speculative_accept, speculative_accept_reference
 from .confidence import (
     confidence_argmax,
     confidence_argmax_reference,
@@ -24,6 +26,11 @@ from .structured_attention import (
 )
 
 __all__ = [
+    "select",
+    "triton_interpreting",
+    "use_triton",
+    "speculative_accept",
+    "speculative_accept_reference",
     "CAUSAL",
     "BLOCK_BIDIRECTIONAL",
     "QUADRATIC",

@@ -14,7 +14,6 @@ Python loop reference next to it.
 
 from __future__ import annotations
 
-import os
 from typing import Tuple, Union
 
 import torch
@@ -22,12 +21,11 @@ import triton
 import triton.language as tl
 
 from .device import _sm_count
+from .dispatch import triton_interpreting
 
 _INT_BIG = 2147483647
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +123,7 @@ def confidence_argmax(logits: torch.Tensor, mask_id: int, *, num_splits: int = N
     assert V > 0
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    interpret = _interpreting() or dev.type != "cuda"
+    interpret = triton_interpreting() or dev.type != "cuda"
     if block_v is None:
         block_v = 1024 if interpret else 4096
     block_v = min(block_v, triton.next_power_of_2(V))
@@ -175,14 +173,13 @@ def confidence_argmax_reference(logits: torch.Tensor, mask_id: int):
 # --------------------------------------------------------------------------------------------
 
 
-def fastdiffuser_commit(token: torch.Tensor, prob: torch.Tensor, is_masked: torch.Tensor,
+def fastdiffuser_commit(prob: torch.Tensor, is_masked: torch.Tensor,
                         threshold: Union[float, torch.Tensor]) -> torch.Tensor:
     """FastDiffuser commit rule over [R, B] block positions -> bool commit mask [R, B].
 
     Commit every masked position with prob >= threshold, plus always the single most confident
     masked position of each row (lowest index on ties); rows without masks commit nothing.
-    ``threshold`` is a float or a per-row [R] tensor. ``token`` is accepted for symmetry with the
-    kernel's outputs (the rule does not depend on it).
+    ``threshold`` is a float or a per-row [R] tensor.
     """
     is_masked = is_masked.bool()
     if isinstance(threshold, torch.Tensor) and threshold.dim() == 1:
@@ -195,7 +192,7 @@ def fastdiffuser_commit(token: torch.Tensor, prob: torch.Tensor, is_masked: torc
     return commit | top
 
 
-def fastdiffuser_commit_reference(token, prob, is_masked, threshold):
+def fastdiffuser_commit_reference(prob, is_masked, threshold):
     R, B = is_masked.shape
     out = torch.zeros(R, B, dtype=torch.bool)
     for r in range(R):

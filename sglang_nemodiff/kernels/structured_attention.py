@@ -41,7 +41,6 @@ in a tile never produces ``inf - inf``.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Union
 
 import torch
@@ -49,6 +48,7 @@ import triton
 import triton.language as tl
 
 from .device import _sm_count
+from .dispatch import triton_interpreting
 
 CAUSAL = 0
 BLOCK_BIDIRECTIONAL = 1
@@ -59,8 +59,6 @@ _LOG2E = 1.4426950408889634
 _NEG_BIG = -1.0e30
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,7 +335,7 @@ def structured_attention(
         return out
     G = Hq // Hkv
     GP = triton.next_power_of_2(G)
-    interpret = _interpreting() or q.device.type != "cuda"
+    interpret = triton_interpreting() or q.device.type != "cuda"
     BLOCK_R, BLOCK_N, num_warps, num_stages = _pick_config(q.dtype, D, interpret)
     BLOCK_R = max(BLOCK_R, GP)
     BLOCK_M = BLOCK_R // GP

@@ -18,6 +18,7 @@ MODULES = (
     "engine_kwargs",
     "dllm_config",
     "dllm_req_fill_ids",
+    "dllm_round_requests",
     "dllm_scheduler_result",
     "dllm_scheduler_stash",
     "dllm_scheduler_finish",

@@ -70,7 +70,7 @@ def disable_cuda_graphs(result, server_args):
 def get_last_loc(original, req_to_token, req_pool_indices_tensor, prefix_lens_tensor):
     from sglang.srt.mem_cache import allocation
 
-    from sglang_nemodiff.attention_backend import triton_interpreting
+    from sglang_nemodiff.kernels.dispatch import triton_interpreting
 
     if (req_to_token.device.type == "cpu" and not triton_interpreting()
             and BACKEND_NAME in allocation.attention_backends()):

@@ -16,7 +16,7 @@ def stash_dllm_context(original, scheduler, req):
         return original(scheduler, req)
     block_size = scheduler.dllm_config.block_size
     assert req.extend_end == req.dllm_block_offset + block_size
-    keep = req.nemodiff_keep
+    keep = req.nemodiff_round.keep
     context_len = req.dllm_block_offset + keep
     # Invariant: everything committed but the new seed is cached.
     assert context_len == len(req.origin_input_ids) + len(req.output_ids) - 1, (
