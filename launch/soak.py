@@ -100,7 +100,8 @@ class Corpus:
     """Prompt material: the stand-in prompts tokenized into one stream, cut into windows; a few
     long shared prefixes; the model's vocabulary size and context length for the invalid cases."""
 
-    def __init__(self, tokenizer, vocab_size: int, context_len: int, max_prompt: int, seed: int):
+    def __init__(self, tokenizer, vocab_size: int, context_len: int, max_prompt: int, seed: int,
+                 max_new_tokens: int = max(NEW_TOKENS)):
         from sglang_nemodiff.speedbench.data import STANDIN_PATH, load_rows
 
         texts = [turn for row in load_rows(STANDIN_PATH) for turn in row.turns]
@@ -110,7 +111,7 @@ class Corpus:
             ids += tokenizer(text + "\n\n", add_special_tokens=False).input_ids
         self.ids = [t for t in ids if 0 <= t < vocab_size] or list(range(min(vocab_size, 256)))
         self.vocab_size, self.context_len = vocab_size, context_len
-        self.max_prompt = max(1, min(max_prompt, context_len - max(NEW_TOKENS) - 8))
+        self.max_prompt = max(1, min(max_prompt, context_len - max_new_tokens - 8))
         self.empty_text_is_empty = len(tokenizer("").input_ids) == 0
         rng = random.Random(seed)
         lengths = [n for n in (64, 160, 320, 480) if n < self.max_prompt] or [max(1, self.max_prompt // 2)]
@@ -501,7 +502,8 @@ def run_mode(mode: str, base_url: str, cfg: SoakConfig, *, tokenizer, reference,
     import requests
 
     model = _get_json(base_url + "/v1/models")["data"][0]
-    corpus = Corpus(tokenizer, vocab_size, int(model.get("max_model_len") or 4096), cfg.max_prompt, cfg.seed)
+    corpus = Corpus(tokenizer, vocab_size, int(model.get("max_model_len") or 4096), cfg.max_prompt, cfg.seed,
+                    max(cfg.new_tokens))
     cases = bad_cases(corpus)
     watch = ServerWatch(base_url, proc)
     baseline = wait_idle(base_url, cfg.idle_timeout, 0.0, watch.alive)
@@ -511,26 +513,26 @@ def run_mode(mode: str, base_url: str, cfg: SoakConfig, *, tokenizer, reference,
     outcomes, wall = asyncio.run(_load(base_url, cfg, model["id"], lambda i: make_plan(i, cfg, corpus, cases),
                                        watch.alive))
     idle = wait_idle(base_url, cfg.idle_timeout, cfg.idle_settle, watch.alive) if watch.alive() else None
-    alive = watch.check() and idle is not None
+    alive = watch.check()
     leaked = (sum(s["num_used_tokens"] for s in idle) - sum(s["num_used_tokens"] for s in baseline)
-              if alive else None)
-    if alive:  # still serving after the idle check ran
+              if alive and idle is not None else None)
+    healthy = False
+    if alive:  # still generating after the idle check ran
         try:
-            alive = requests.get(base_url + "/health_generate", timeout=120).status_code == 200
+            healthy = requests.get(base_url + "/health_generate", timeout=120).status_code == 200
         except requests.RequestException:
-            alive = False
-    if not alive and watch.deaths == 0:
-        watch.deaths = 1
+            pass
     progress(f"[soak] {mode}: load done ({len(outcomes)} requests); comparing T=0 outputs with the oracle")
     t0 = time.perf_counter()
     checked, mismatches = verify(mode, outcomes, reference, eos_id, cfg.verify_limit, cfg.seed)
     return summarize(mode, outcomes, wall, watch.deaths, leaked, checked, mismatches,
-                     leak_reports=leak_lines(log_path), verify_s=time.perf_counter() - t0)
+                     leak_reports=leak_lines(log_path), verify_s=time.perf_counter() - t0,
+                     idle_reached=idle is not None, healthy_after=healthy)
 
 
 def summarize(mode: str, outcomes: Sequence[Outcome], wall: float, deaths: int, leaked: int | None,
               checked: int, mismatches: list[dict], leak_reports: Sequence[str] = (),
-              verify_s: float = 0.0) -> dict:
+              verify_s: float = 0.0, idle_reached: bool = True, healthy_after: bool = True) -> dict:
     by = {s: [o for o in outcomes if o.status == s] for s in ("completed", "rejected", "aborted", "error")}
     latencies = [o.latency_s for o in by["completed"]]
     errors = [{"index": o.index, "api": o.api, "stream": o.stream, "bad": o.bad, "http_status": o.http_status,
@@ -547,7 +549,8 @@ def summarize(mode: str, outcomes: Sequence[Outcome], wall: float, deaths: int, 
         "output_tokens": sum(o.output_tokens for o in by["completed"]),
         "tokens_per_s": sum(o.output_tokens for o in by["completed"]) / wall if wall > 0 else None,
         "cached_prompt_tokens": sum(o.cached_tokens for o in outcomes),
-        "wall_s": wall, "server_deaths": deaths, "leaked_kv_tokens": leaked,
+        "wall_s": wall, "server_deaths": deaths, "idle_reached": idle_reached, "healthy_after": healthy_after,
+        "leaked_kv_tokens": leaked,
         "checked": checked, "mismatches": len(mismatches), "verify_s": verify_s,
         "error_samples": errors[:10], "mismatch_samples": mismatches[:5],
         "leak_reports": list(leak_reports)[:5],
@@ -560,6 +563,10 @@ def summarize(mode: str, outcomes: Sequence[Outcome], wall: float, deaths: int, 
 def failures(result: dict) -> list[str]:
     """The must-be-zero figures that are not zero (an unknown figure fails too)."""
     out = [f"{key}={result.get(key)}" for key in MUST_BE_ZERO if result.get(key) != 0]
+    if not result.get("idle_reached", True):
+        out.append("the server did not go idle after the load")
+    if not result.get("healthy_after", True):
+        out.append("the server did not generate after the load (/health_generate)")
     if result.get("leak_reports"):
         out.append(f"leak reports in the server log: {len(result['leak_reports'])}")
     if not result.get("completed"):
@@ -577,7 +584,7 @@ def _f(value, spec: str) -> str:
 
 def markdown_table(results: Sequence[dict]) -> str:
     rows = ["| mode | sent | completed | rejected (4xx) | aborted (disconnect) | unexpected errors | "
-            "p50 latency (s) | p99 latency (s) | output tok/s | server restarts | leaked KV slots | "
+            "p50 latency (s) | p99 latency (s) | output tok/s | server deaths / restarts | leaked KV slots | "
             "T=0 checked | T=0 differ from oracle | pass |",
             "|---|" + "---:|" * 12 + "---|"]
     for r in results:
