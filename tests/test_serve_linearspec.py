@@ -144,3 +144,37 @@ def test_frontend_gen_works_select_fails_clearly(linearspec_server, ar_server):
     state = select_program.run(backend=sgl.RuntimeEndpoint(linearspec_server.url))
     error = str(state.error())
     assert "linearspec" in error and "--algorithm ar" in error, error
+
+
+@pytest.fixture
+def ar_server_in_order(server_pool, tiny_checkpoint):
+    """AR with SGLang's overlap scheduler off. With it on (the default), SGLang 0.5.23's
+    penalizers see each output token one step late (a token can repeat right after itself under
+    a repetition penalty); without it they count every token generated so far, which is the
+    semantics LinearSpec implements."""
+    return server_pool.get(tiny_checkpoint, "ar", "--disable-overlap-schedule")
+
+
+@pytest.mark.parametrize("params", [
+    {"frequency_penalty": 0.6, "presence_penalty": 0.4},
+    {"repetition_penalty": 1.3},
+    {"logit_bias": {"200": 5.0, "201": -100.0}},
+    {"frequency_penalty": 0.3, "repetition_penalty": 1.1, "logit_bias": {"150": 2.5}},
+])
+def test_penalties_and_bias_equal_ar(linearspec_server, ar_server_in_order, prompts, params):
+    """Slot i of the verify pass is penalised as if drafts 1..i-1 were generated: at T=0 the
+    output equals AR mode with the same penalties (and differs from the unpenalised output)."""
+    for ids in prompts[:4]:
+        ar = generate(ar_server_in_order, ids, 40, **params)["output_ids"]
+        assert generate(linearspec_server, ids, 40, **params)["output_ids"] == ar, params
+    assert ar != generate(ar_server_in_order, prompts[3], 40)["output_ids"]
+
+
+def test_min_new_tokens_blocks_stop_tokens_like_ar(linearspec_server, ar_server_in_order, prompts):
+    ids = prompts[2]
+    plain = generate(ar_server_in_order, ids, 40)["output_ids"]
+    params = {"stop_token_ids": [plain[3]], "min_new_tokens": 12}
+    ar = generate(ar_server_in_order, ids, 40, **params)
+    spec = generate(linearspec_server, ids, 40, **params)
+    assert spec["output_ids"] == ar["output_ids"] and len(ar["output_ids"]) >= 12
+    assert spec["meta_info"]["finish_reason"] == ar["meta_info"]["finish_reason"]
