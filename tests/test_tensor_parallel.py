@@ -93,10 +93,10 @@ def parallel_server(request, server_pool, lora_checkpoint, tmp_path_factory):
 
 
 def test_equals_the_oracle(parallel_server, parallel_prompts, oracle):
-    """All requests at once, then the same one by one (radix cache hits under TP): the oracle's tokens every
-    time; in the diffusion modes also its forwards (LinearSpec: the draft LoRA's acceptance).
-    Forwards are compared one by one: a batched FastDiffuser block steps until every block of
-    the batch is done, and each request counts the batch's steps."""
+    """All requests at once, then the same one by one (radix cache hits under TP): the oracle's
+    tokens every time; in the diffusion modes also its forwards (LinearSpec: the draft LoRA's
+    acceptance). Forwards are compared one by one: a batched FastDiffuser block steps until every
+    block of the batch is done, and each request counts the batch's steps."""
     mode = parallel_server.algorithm
     expected = oracle(mode)
     tokens = [r.tokens for r in (oracle("ar") if mode == "linearspec" else expected)]
