@@ -15,9 +15,16 @@ from sglang_nemodiff.bundled import bundled_model_path
 from sglang_nemodiff.servers import ManagedServer
 from sglang_nemodiff.speedbench import meta_scalar
 
+# The bundled model writes standard-library-style Python and answers copy/edit requests in its chat
+# format; these greedy answers run to >= 48 tokens (reference: LinearSpec 1.92, 2.78 and 5.82 tokens
+# per forward at 64 new tokens, output identical to AR).
 PROMPTS = [
-    "def fibonacci(n):\n",
-    "Repeat the line exactly:\nreturn os.path.join(base_dir, name)\n",
+    "def parse_args(argv):\n    parser = argparse.ArgumentParser()\n    parser.add_argument(",
+    "<|im_start|>user\nRename `count` to `total`.\n```python\nclass Counter:\n    def __init__(self):\n"
+    "        self.count = 0\n\n    def increment(self):\n        self.count += 1\n        return self.count\n"
+    "```<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nFix the typo in this code.\n```python\ndef fibonacci(n):\n    a, b = 0, 1\n"
+    "    for i in rnage(n):\n        a, b = b, a + b\n    return a\n```<|im_end|>\n<|im_start|>assistant\n",
 ]
 
 
@@ -25,7 +32,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-path", default=bundled_model_path())
     parser.add_argument("--algorithms", default="ar,fastdiffuser,linearspec")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--port", type=int, default=30123)
     args = parser.parse_args()
     outputs = {}

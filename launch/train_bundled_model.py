@@ -446,7 +446,7 @@ def parse_args(argv=None):
     g.add_argument("--alpha", type=float, default=256.0)
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--warmup", type=int, default=20)
-    g.add_argument("--steps", type=int, default=1200)
+    g.add_argument("--steps", type=int, default=2400)
     g.add_argument("--seqs-per-step", type=int, default=8)
     g.add_argument("--blocks-per-seq", type=int, default=8)
     g.add_argument("--tau", type=float, default=8.0, help="block position j weighted exp(-(j-1)/tau)")
@@ -454,7 +454,7 @@ def parse_args(argv=None):
                    help="> 0: weight position j by P(drafts before j all right) + reach * exp(-(j-1)/tau)")
     g.add_argument("--first-block-frac", type=float, default=0.1,
                    help="share of blocks seeded at the first generated token")
-    g.add_argument("--eval-every", type=int, default=200)
+    g.add_argument("--eval-every", type=int, default=300)
     g.add_argument("--val-prompts", type=int, default=16, help="validation prompts per set (training files)")
     g.add_argument("--no-heldout-report", action="store_true",
                    help="skip the held-out LinearSpec figures in the log and card (reporting only)")
