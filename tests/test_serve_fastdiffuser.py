@@ -19,18 +19,25 @@ def test_equals_reference_batch1_and_concurrent(fastdiffuser_server, reference, 
         assert meta(response, "nemodiff_forwards") == ref.forwards  # refresh passes included
 
 
-def test_unsupported_feature_names_mode(fastdiffuser_server):
+@pytest.mark.parametrize("params, feature", [
+    ({"repetition_penalty": 1.2}, "repetition_penalty"),
+    ({"min_new_tokens": 4}, "min_new_tokens"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+])
+def test_unsupported_features_get_400_naming_mode(fastdiffuser_server, params, feature):
+    """Penalties have no defined meaning for parallel denoising: 400 naming feature and mode."""
     import requests
 
     response = requests.post(fastdiffuser_server.url + "/generate", timeout=60, json={
-        "text": "hi", "return_logprob": True,
-        "sampling_params": {"temperature": 0, "max_new_tokens": 4}})
-    assert response.status_code == 400
-    assert "fastdiffuser" in response.text and "logprobs" in response.text
+        "text": "hi", "sampling_params": {"temperature": 0, "max_new_tokens": 4, **params}})
+    assert response.status_code == 400, response.text
+    assert "fastdiffuser" in response.text and feature in response.text
 
 
-def test_frontend_gen(fastdiffuser_server):
+def test_frontend_gen_equals_reference(fastdiffuser_server, tokenizer, reference):
     import sglang as sgl
+
+    from sglang_nemodiff.reference import fastdiffuser_generate
 
     @sgl.function
     def program(s):
@@ -38,4 +45,6 @@ def test_frontend_gen(fastdiffuser_server):
         s += sgl.gen("rest", max_tokens=20, temperature=0)
 
     state = program.run(backend=sgl.RuntimeEndpoint(fastdiffuser_server.url))
-    assert isinstance(state["rest"], str) and len(state["rest"]) > 0
+    ids = tokenizer("The quick brown fox").input_ids
+    expected = fastdiffuser_generate(reference, ids, 20, eos_id=11).tokens
+    assert state["rest"] == tokenizer.decode(expected, skip_special_tokens=True)

@@ -24,6 +24,12 @@ def mode_of(dllm_algorithm: str) -> str:
     return MODES[dllm_algorithm]
 
 
+def emits_first_token(req) -> bool:
+    """A prefill pass emits the request's first token once the whole prompt is encoded (not a
+    middle chunk), and not when it re-encodes a retracted request that already has it."""
+    return req.extend_end >= req.dllm_block_offset and not req.output_ids
+
+
 def algorithm_classes() -> dict:
     """Class name -> class, for SGLang's `algo_name_to_cls` (imports SGLang)."""
     from sglang_nemodiff.algorithms.fastdiffuser import NemodiffFastDiffuser

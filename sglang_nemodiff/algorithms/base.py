@@ -27,6 +27,8 @@ from sglang.srt.dllm.config import DllmConfig
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
 from sglang_nemodiff import kernels
+from sglang_nemodiff.algorithms import emits_first_token
+from sglang_nemodiff.algorithms.grammar import next_token_allowed
 from sglang_nemodiff.algorithms.sampling import BatchSampling, sample_from
 from sglang_nemodiff.config import ARCHITECTURE
 from sglang_nemodiff.settings import AlgorithmSettings
@@ -44,6 +46,23 @@ def masked_confidence_argmax(logits: torch.Tensor, mask_id: int):
     return token.view(logits.shape[:-1]), prob.view(logits.shape[:-1])
 
 
+def set_first_token_logprobs(logits_output, logprobs: list, sampling: BatchSampling) -> None:
+    """Fill the LogitsProcessorOutput fields SGLang's prefill result path reads for the first
+    output token (one entry per request; placeholders for requests that want none)."""
+    def top(lp, part):
+        return lp.top_logprobs[0][part] if lp and lp.top_logprobs else []
+
+    logits_output.next_token_logprobs = torch.tensor(
+        [lp.token_logprobs[0] if lp else 0.0 for lp in logprobs])
+    logits_output.next_token_top_logprobs_val = [torch.tensor(top(lp, 0)) for lp in logprobs]
+    logits_output.next_token_top_logprobs_idx = [torch.tensor(top(lp, 1), dtype=torch.int64)
+                                                 for lp in logprobs]
+    logits_output.next_token_token_ids_logprobs_val = [
+        torch.tensor(lp.ids_logprobs[0] if lp and lp.ids_logprobs else []) for lp in logprobs]
+    logits_output.next_token_token_ids_logprobs_idx = [
+        entry[1] if entry is not None else None for entry in sampling.logprobs]
+
+
 @dataclass
 class BlockFill:
     """What a mode's bidirectional passes produced for the block."""
@@ -51,6 +70,9 @@ class BlockFill:
     forwards: int
     sampled_rows: Optional[torch.Tensor] = None  # rows that sampled (temperature > 0)
     draft_probs: Optional[torch.Tensor] = None  # LinearSpec: q of those rows' drafts [r, B-1, V]
+    commit_logits: Optional[torch.Tensor] = None  # FastDiffuser: logits that committed each slot
+    grammar: Optional[dict] = None  # LinearSpec: row -> (allowed [B, V] per verify slot, advanced)
+    verify_logits: Optional[torch.Tensor] = None  # the adjusted verify logits the decision used
 
 
 class NLDBlockAlgorithm(DllmAlgorithm):
@@ -60,6 +82,7 @@ class NLDBlockAlgorithm(DllmAlgorithm):
     mode_name = "diffusion"
     # Request features a mode cannot serve yet: (test, name) pairs, see validate_request.
     supports_penalties = False
+    supports_constrained_decoding = False
 
     def __init__(self, config: DllmConfig):
         super().__init__(config)
@@ -82,17 +105,12 @@ class NLDBlockAlgorithm(DllmAlgorithm):
                     unsupported.append(name)
             if sp.logit_bias:
                 unsupported.append("logit_bias")
-        for name in ("json_schema", "regex", "ebnf", "structural_tag"):
-            if getattr(sp, name, None) is not None:
-                unsupported.append(f"{name} (constrained decoding)")
-        if req.return_logprob or req.logprob.top_logprobs_num or req.logprob.token_ids_logprob:
-            unsupported.append("logprobs")
+        if not cls.supports_constrained_decoding:
+            for name in ("json_schema", "regex", "ebnf", "structural_tag"):
+                if getattr(sp, name, None) is not None:
+                    unsupported.append(f"{name} (constrained decoding)")
         if req.custom_logit_processor:
             unsupported.append("custom_logit_processor")
-        if (sp.n or 1) > 1:
-            unsupported.append(f"n={sp.n} (parallel sampling)")
-        if sp.max_new_tokens == 0:
-            unsupported.append("max_new_tokens=0 (prompt scoring, e.g. sgl.select)")
         return unsupported
 
     @classmethod
@@ -124,10 +142,19 @@ class NLDBlockAlgorithm(DllmAlgorithm):
             if forward_batch.input_ids.numel() == 0:
                 return None, [], None, None, False
             out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
-            logits = out.logits_output.next_token_logits.unsqueeze(1)
-            seeds = self.next_tokens(sampling.adjust(logits), sampling, stream=0)[:, 0]
+            logits = sampling.adjust(out.logits_output.next_token_logits.unsqueeze(1))
+            for row in sampling.grammar_rows:
+                allowed = next_token_allowed(sampling.grammars[row], logits.shape[-1], logits.device)
+                logits[row, 0] = logits[row, 0].masked_fill(~allowed, float("-inf"))
+            seeds = self.next_tokens(logits, sampling, stream=0)
+            for row in sampling.grammar_rows:
+                if emits_first_token(self.round_reqs[row]):
+                    sampling.grammars[row].accept_token(int(seeds[row, 0]))
+            if sampling.wants_logprobs:
+                set_first_token_logprobs(out.logits_output,
+                                         sampling.token_logprobs(logits, seeds, [1] * bs), sampling)
             results = [RoundResult(forwards=1, tokens=1)] * bs
-            return out.logits_output, seeds.tolist(), None, results, out.can_run_graph
+            return out.logits_output, seeds[:, 0].tolist(), None, results, out.can_run_graph
 
         if self.eos_id is None:
             eos = model_runner.model_config.hf_config.eos_token_id
@@ -142,8 +169,16 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         accepted_list = accepted.tolist() if accepted is not None else [None] * bs
         rows = block.tolist()
         tokens = [torch.tensor(rows[i][1:keep_list[i]] + [bonus_list[i]]) for i in range(bs)]
+        logprobs = [None] * bs
+        if sampling.wants_logprobs:
+            # Emitted token j sits at slot j: block[j + 1] before the bonus, the bonus at keep-1.
+            emitted = torch.cat([block[:, 1:], bonus[:, None]], 1)
+            emitted.scatter_(1, (keep - 1)[:, None], bonus[:, None])
+            logprobs = sampling.token_logprobs(self.emission_logits(verify, sampling, block, fill),
+                                               emitted, keep_list)
         results = [RoundResult(forwards=fill.forwards + 1, tokens=keep_list[i], keep=keep_list[i],
-                               accepted=accepted_list[i], block_size=self.block_size)
+                               accepted=accepted_list[i], block_size=self.block_size,
+                               logprobs=logprobs[i])
                    for i in range(bs)]
         return out.logits_output, tokens, None, results, out.can_run_graph
 
@@ -169,6 +204,10 @@ class NLDBlockAlgorithm(DllmAlgorithm):
             return model_runner.forward(forward_batch, pp_proxy_tensors=None)
         finally:
             options.causal, options.draft_lora = None, False
+
+    def emission_logits(self, verify, sampling: BatchSampling, block, fill: BlockFill):
+        """[bs, B, V] logits whose slot j produced emitted token j (for logprobs)."""
+        return sampling.adjust(verify, block)
 
     # Subclasses: fill `block` [bs, B] in place with bidirectional passes.
     def fill_block(self, model_runner, forward_batch, block, sampling: BatchSampling) -> BlockFill:

@@ -7,7 +7,8 @@ top-k/top-p/min-p-filtered distribution (mask token excluded) and uses that toke
 under it as the confidence (the NLD reference's semantics); greedy requests take the argmax and
 its softmax probability. The seed after the block is sampled from the causal pass like an AR
 step. FastDiffuser decodes in parallel, so unlike LinearSpec its output distribution is its own,
-not AR's."""
+not AR's. A request with a grammar (regex / JSON schema / EBNF) commits left to right, one token
+per step, under the grammar matcher's mask: correct output, AR's speed."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from sglang_nemodiff import kernels
 from sglang_nemodiff.algorithms.base import BlockFill, NLDBlockAlgorithm, masked_confidence_argmax
+from sglang_nemodiff.algorithms.grammar import next_token_allowed
 from sglang_nemodiff.algorithms.sampling import sample_from
 
 SEED_STREAM = 1 << 20  # the refresh pass's draw; denoise step s uses stream s
@@ -22,6 +24,7 @@ SEED_STREAM = 1 << 20  # the refresh pass's draw; denoise step s uses stream s
 
 class NemodiffFastDiffuser(NLDBlockAlgorithm):
     mode_name = "fastdiffuser"
+    supports_constrained_decoding = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -47,6 +50,7 @@ class NemodiffFastDiffuser(NLDBlockAlgorithm):
         masked = block == self.mask_id
         masked[:, 0] = False  # the seed is committed
         forwards = 0
+        commit_logits = None  # logprobs: the logits of the pass that committed each position
         while bool(masked.any()):  # one host sync per step, like the stock dLLM loop
             out = self.forward_pass(model_runner, forward_batch, causal=False)
             logits = out.logits_output.full_logits.view(*block.shape, -1)
@@ -54,7 +58,12 @@ class NemodiffFastDiffuser(NLDBlockAlgorithm):
             forwards += 1
             # Masked positions with confidence >= threshold, plus the most confident one.
             commit = kernels.fastdiffuser_commit(confidence, masked, self.threshold)
+            for row in sampling.grammar_rows:
+                self._commit_under_grammar(row, logits, masked, commit, x0, sampling, forwards)
             block.copy_(torch.where(commit, x0, block))
+            if sampling.wants_logprobs:
+                commit_logits = torch.where(commit.unsqueeze(-1), logits.float(),
+                                            logits.float() if commit_logits is None else commit_logits)
             masked &= ~commit
             if self.eos_id is not None:
                 # EOS freeze: a committed EOS with no mask to its left ends the block with EOS.
@@ -64,9 +73,47 @@ class NemodiffFastDiffuser(NLDBlockAlgorithm):
                 frozen = (first_eos < self.block_size) & ~masks_before
                 block.copy_(torch.where(frozen & (positions > first_eos), self.eos_id, block))
                 masked &= ~frozen
-        return BlockFill(forwards=forwards)
+        return BlockFill(forwards=forwards, commit_logits=commit_logits)
+
+    def _commit_under_grammar(self, row, logits, masked, commit, x0, sampling, step):
+        """A request with a grammar commits left to right, one token per step, under the
+        matcher's mask (a grammar can only follow a left-to-right order)."""
+        commit[row] = False
+        pending = masked[row].nonzero()
+        grammar = sampling.grammars[row]
+        if not len(pending):
+            return
+        if grammar.is_terminated():
+            # The request ends at the terminating token: the rest of the block is filler
+            # (EOS), committed at once so the block resolves.
+            filler = self.eos_id if self.eos_id is not None else 0
+            x0[row, pending[:, 0]] = filler
+            commit[row, pending[:, 0]] = True
+            return
+        pos = int(pending[0])
+        allowed = next_token_allowed(grammar, logits.shape[-1], logits.device)
+        allowed[self.mask_id] = False
+        row_logits = logits[row, pos : pos + 1].float().masked_fill(~allowed, float("-inf"))
+        params = sampling.select(torch.tensor([row], device=logits.device))
+        token = int(self.next_tokens(row_logits[None], params, stream=step)[0, 0])
+        x0[row, pos] = token
+        commit[row, pos] = True
+        grammar.accept_token(token)
+
+    def emission_logits(self, verify, sampling, block, fill):
+        # Emitted token j (block[j + 1], then the seed after the block) and the pass that made it.
+        return torch.cat([fill.commit_logits[:, 1:], verify[:, -1:].float()], 1)
 
     def accept(self, block, verify, sampling, fill):
         keep = torch.full((block.shape[0],), self.block_size, device=block.device)
-        bonus = self.next_tokens(verify[:, -1:], sampling, SEED_STREAM)[:, 0]
+        last = verify[:, -1:].float()
+        for row in sampling.grammar_rows:
+            grammar = sampling.grammars[row]
+            if not grammar.is_terminated():
+                allowed = next_token_allowed(grammar, last.shape[-1], last.device)
+                last[row, 0] = last[row, 0].masked_fill(~allowed, float("-inf"))
+        bonus = self.next_tokens(last, sampling, SEED_STREAM)[:, 0]
+        for row in sampling.grammar_rows:
+            if not sampling.grammars[row].is_terminated():
+                sampling.grammars[row].accept_token(int(bonus[row]))
         return keep, None, bonus

@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from sglang_nemodiff.algorithms.grammar import active_grammar
+
 TOP_K_ALL = 1 << 30  # SGLang's "whole vocabulary"
 
 
@@ -139,6 +141,9 @@ class BatchSampling:
     seeds: Sequence[Optional[int]]
     positions: Sequence[int]  # position of the next token each request generates
     penalties: Optional[Penalties]
+    # Logprob requests: None for a request that wants none, else (top_logprobs_num, token ids).
+    logprobs: Sequence[Optional[tuple]] = ()
+    grammars: Sequence = ()  # the active grammar matcher of each request, or None
 
     @property
     def all_greedy(self) -> bool:
@@ -150,7 +155,7 @@ class BatchSampling:
         return cls(greedy=torch.ones(bs, dtype=torch.bool, device=device), temperature=ones,
                    top_k=torch.ones(bs, dtype=torch.int64, device=device), top_p=ones,
                    min_p=torch.zeros(bs, device=device), seeds=[None] * bs, positions=[0] * bs,
-                   penalties=None)
+                   penalties=None, logprobs=[None] * bs, grammars=[None] * bs)
 
     @classmethod
     def from_reqs(cls, reqs, vocab_size: int, device) -> "BatchSampling":
@@ -165,7 +170,10 @@ class BatchSampling:
                    min_p=tensor([sp.min_p for sp in sps]),
                    seeds=[sp.sampling_seed for sp in sps],
                    positions=[len(r.origin_input_ids) + len(r.output_ids) for r in reqs],
-                   penalties=_penalties(reqs, vocab_size, device))
+                   penalties=_penalties(reqs, vocab_size, device),
+                   logprobs=[(r.logprob.top_logprobs_num, r.logprob.token_ids_logprob)
+                             if r.return_logprob else None for r in reqs],
+                   grammars=[active_grammar(r) for r in reqs])
 
     def select(self, rows: torch.Tensor) -> "BatchSampling":
         """The parameters of a subset of rows (a tensor of row indices)."""
@@ -173,7 +181,9 @@ class BatchSampling:
         return BatchSampling(
             greedy=self.greedy[rows], temperature=self.temperature[rows], top_k=self.top_k[rows],
             top_p=self.top_p[rows], min_p=self.min_p[rows], seeds=[self.seeds[i] for i in index],
-            positions=[self.positions[i] for i in index], penalties=None)
+            positions=[self.positions[i] for i in index], penalties=None,
+            logprobs=[self.logprobs[i] for i in index] if self.logprobs else (),
+            grammars=[self.grammars[i] for i in index] if self.grammars else ())
 
     def adjust(self, logits: torch.Tensor, block: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Penalties and logit bias for logits [bs, n, V] (see Penalties.apply)."""
@@ -200,3 +210,44 @@ class BatchSampling:
                     hash((seed, self.positions[row], stream)) & 0x7FFF_FFFF_FFFF_FFFF)
                 u[row] = torch.rand(n, generator=g, device=device)
         return u
+
+    @property
+    def grammar_rows(self) -> list:
+        return [i for i, g in enumerate(self.grammars) if g is not None]
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return any(entry is not None for entry in self.logprobs)
+
+    def logprob_dist(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution SGLang reports logprobs under, for adjusted logits [bs, n, V]:
+        log_softmax of the logits (greedy) or of logits / temperature (sampled), before the
+        top-k/top-p/min-p filter."""
+        scale = torch.where(self.greedy, torch.ones_like(self.temperature), self.temperature)
+        return torch.log_softmax(logits.float() / scale.view(-1, 1, 1), dim=-1)
+
+    def token_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, counts) -> list:
+        """Per request, the TokenLogprobs of its first counts[i] tokens [bs, n] under the slots
+        of logits [bs, n, V] (None for requests that asked for no logprobs)."""
+        from sglang_nemodiff.stats import TokenLogprobs
+
+        out = [None] * len(self.logprobs)
+        rows = [i for i, entry in enumerate(self.logprobs) if entry is not None]
+        if not rows:
+            return out
+        index = torch.tensor(rows, device=logits.device)
+        dist = self.select(index).logprob_dist(logits[index])
+        chosen = dist.gather(-1, tokens[index].unsqueeze(-1)).squeeze(-1).tolist()
+        for k, row in enumerate(rows):
+            top_n, ids = self.logprobs[row]
+            n = counts[row]
+            top = None
+            if top_n:
+                values, top_ids = dist[k, :n].topk(top_n, dim=-1)
+                top = list(zip(values.tolist(), top_ids.tolist()))
+            by_id = None
+            if ids:
+                by_id = dist[k, :n, torch.tensor(ids, device=dist.device)].tolist()
+            out[row] = TokenLogprobs(token_logprobs=chosen[k][:n], top_logprobs=top,
+                                     ids_logprobs=by_id)
+        return out

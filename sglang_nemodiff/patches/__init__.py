@@ -23,6 +23,7 @@ MODULES = (
     "dllm_scheduler_stash",
     "dllm_scheduler_finish",
     "dllm_kv_pressure",
+    "dllm_grammar_queue",
     "request_validation",
     "cuda_graph_guard",
     "output_stats",
