@@ -8,13 +8,20 @@ from dataclasses import dataclass, fields
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.yaml")
 
 
+BLOCK_SIZES = (1, 2, 4, 8, 16, 32)  # what `block_size: auto` chooses from (up to the checkpoint's)
+
+
 @dataclass(frozen=True)
 class AlgorithmSettings:
-    block_size: int = 32
+    # LinearSpec: "auto" picks the block size per batch (block_policy.py), at most the
+    # checkpoint's; a number fixes it. FastDiffuser always uses the checkpoint's block size.
+    block_size: int | str = "auto"
     threshold: float = 0.9
     use_lora: bool = True
     lora_path: str | None = None
     draft_sampling: str = "sample"
+    # Testing/diagnosis: block sizes used in turn, one per round, instead of the policy's choice.
+    block_size_cycle: tuple | None = None
 
     @classmethod
     def from_mapping(cls, raw: dict | None, source: str = "algorithm config") -> "AlgorithmSettings":
@@ -24,14 +31,33 @@ class AlgorithmSettings:
         if unknown:
             raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; "
                              f"known: {', '.join(sorted(known))}")
+        if isinstance(raw.get("block_size_cycle"), list):
+            raw["block_size_cycle"] = tuple(raw["block_size_cycle"])
         settings = cls(**raw)
-        if not isinstance(settings.block_size, int) or settings.block_size < 2:
-            raise ValueError(f"{source}: block_size must be an integer >= 2")
+        if settings.block_size != "auto" and (
+                not isinstance(settings.block_size, int) or isinstance(settings.block_size, bool)
+                or settings.block_size < 2):
+            raise ValueError(f"{source}: block_size must be 'auto' or an integer >= 2")
+        if settings.block_size_cycle is not None and (
+                not settings.block_size_cycle
+                or any(not isinstance(b, int) or b < 1 for b in settings.block_size_cycle)):
+            raise ValueError(f"{source}: block_size_cycle must be a list of integers >= 1")
         if not 0.0 < float(settings.threshold) <= 1.0:
             raise ValueError(f"{source}: threshold must be in (0, 1]")
         if settings.draft_sampling not in ("sample", "argmax"):
             raise ValueError(f"{source}: draft_sampling must be 'sample' or 'argmax'")
         return settings
+
+
+def max_block_size(settings: AlgorithmSettings, checkpoint_block_size: int, source: str) -> int:
+    """The largest block a round may use: the checkpoint's (trained) block size, or a fixed
+    block_size, which may not exceed it."""
+    if settings.block_size == "auto":
+        return checkpoint_block_size
+    if settings.block_size > checkpoint_block_size:
+        raise ValueError(f"{source}: block_size {settings.block_size} exceeds the checkpoint's "
+                         f"block_size {checkpoint_block_size} (config.json)")
+    return settings.block_size
 
 
 def load_settings(path: str | None) -> AlgorithmSettings:

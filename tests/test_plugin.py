@@ -39,7 +39,7 @@ def test_algorithm_maps_onto_sglang_fields():
 
 def test_settings_yaml(tmp_path):
     assert load_settings(None) == AlgorithmSettings()
-    assert AlgorithmSettings().threshold == 0.9 and AlgorithmSettings().block_size == 32
+    assert AlgorithmSettings().threshold == 0.9 and AlgorithmSettings().block_size == "auto"
     good = tmp_path / "good.yaml"
     good.write_text("threshold: 0.8\nuse_lora: false\n")
     assert load_settings(str(good)).threshold == 0.8

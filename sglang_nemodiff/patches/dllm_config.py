@@ -22,7 +22,7 @@ def from_server_args(original, server_args):
     from sglang.srt.dllm.config import DllmConfig
 
     from sglang_nemodiff.config import ARCHITECTURE
-    from sglang_nemodiff.settings import load_settings
+    from sglang_nemodiff.settings import load_settings, max_block_size
 
     cfg = resolving_view(server_args)
     if not is_nemodiff_algorithm(cfg.dllm_algorithm):
@@ -35,10 +35,12 @@ def from_server_args(original, server_args):
         raise ValueError(f"--dllm-algorithm {cfg.dllm_algorithm} serves {ARCHITECTURE} "
                          f"checkpoints; {cfg.model_path} is {arch}")
     settings = load_settings(cfg.dllm_algorithm_config)
+    block_size = max_block_size(settings, getattr(hf_config, "block_size", 32),
+                                cfg.dllm_algorithm_config or "algorithm config")
     return DllmConfig(
         algorithm=cfg.dllm_algorithm,
         algorithm_config=asdict(settings),
-        block_size=settings.block_size,
+        block_size=block_size,  # the largest block; LinearSpec's rounds may use less
         mask_id=hf_config.mask_token_id,
         max_running_requests=cfg.max_running_requests or 1,
         first_done_first_out_mode=False,  # a round always resolves its block
