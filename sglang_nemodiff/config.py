@@ -1,6 +1,6 @@
 """`NemotronLabsDiffusionConfig`: the HF config of NLD checkpoints, without remote code.
 
-Field names follow the real checkpoints (NLD_SPEC §1). RoPE values live in `rope_parameters`
+Field names follow the released checkpoints' `config.json`. RoPE values live in `rope_parameters`
 (transformers 5.x layout); a legacy top-level `rope_theta` / `rope_scaling` is folded into it.
 """
 
@@ -113,7 +113,7 @@ class NemotronLabsDiffusionConfig(PretrainedConfig):
         return self.rope_parameters
 
 
-# The real configs (NLD_SPEC §1); vocab 131072, GQA 32/8, head_dim 128.
+# The released model sizes; all share vocab 131072, GQA 32/8 heads and head_dim 128.
 REAL_CONFIGS = {
     "3B": dict(hidden_size=3072, num_hidden_layers=26, intermediate_size=9216),
     "8B": dict(hidden_size=4096, num_hidden_layers=34, intermediate_size=14336),

@@ -1,4 +1,4 @@
-"""`NemotronLabsDiffusionModel` for SGLang (NLD_SPEC §1-2).
+"""`NemotronLabsDiffusionModel` for SGLang: the NLD architecture and its two attention views.
 
 Ministral-3 decoder on SGLang's parallel layers (so `--tp N` shards it), YaRN RoPE and Llama-4 query
 scaling read from `rope_parameters`, untied `diffusion_head`, real HF tensor names (`encoder.*`).

@@ -2,7 +2,8 @@
 
 ``confidence_argmax(logits, mask_id)`` computes, per row, the argmax over the vocabulary with the
 mask token excluded and that token's softmax probability with the mask token *kept* in the
-denominator (NLD_SPEC §3, FastDiffuser step 3). One pass over V with an online softmax (running
+denominator (FastDiffuser's confidence: the mask token is never committed, but its probability
+mass still lowers every other token's confidence). One pass over V with an online softmax (running
 max, running sum of exponentials, running best value/index): no [N, V] fp32 intermediate. For few
 rows (N=32 at V=131072 would be 32 programs) the vocabulary is also split across programs and a
 tiny second kernel merges the partial (max, sum, best, index) tuples.

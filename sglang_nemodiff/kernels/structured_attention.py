@@ -1,6 +1,6 @@
 """Structured-mask attention over SGLang's paged (token-level) KV cache.
 
-One Triton kernel serves the three attention patterns NLD needs (NLD_SPEC §2-3), for a ragged
+One Triton kernel serves the three attention patterns NLD needs, for a ragged
 batch of requests in one launch, without a dense mask tensor:
 
 * ``CAUSAL`` (0): new token i sees the prefix and new tokens 0..i (prefill, AR, LinearSpec verify,

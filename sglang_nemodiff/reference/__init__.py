@@ -1,4 +1,5 @@
-"""Plain-PyTorch oracle of the NLD forward and its generation modes, written from NLD_SPEC.
+"""Plain-PyTorch oracle of the NLD forward and its generation modes, written from the
+model's definition rather than from the serving code.
 
 Independent of SGLang (imports torch, safetensors and the config class only), usable on CPU and GPU.
 """

@@ -1,4 +1,4 @@
-"""Reference generation modes (NLD_SPEC §3), greedy (temperature 0), batch 1.
+"""Reference generation modes (AR, FastDiffuser, LinearSpec), greedy (temperature 0), batch 1.
 
 Every forward is counted, prefill and FastDiffuser's refresh included: tokens per forward (TPF) is
 `len(tokens) / forwards`. Outputs stop after the first EOS (kept) or at `max_new_tokens`.

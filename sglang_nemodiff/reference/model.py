@@ -1,4 +1,4 @@
-"""Reference NLD forward (NLD_SPEC §1-2): Ministral-3 decoder, YaRN RoPE, Llama-4 query scaling,
+"""Reference NLD forward: Ministral-3 decoder, YaRN RoPE, Llama-4 query scaling,
 untied `diffusion_head`, causal or block-bidirectional attention over a KV cache.
 
 Batch 1, readable over fast. The cache only ever holds committed causal KV: a forward returns the
