@@ -58,7 +58,7 @@ def test_nemodiff_backend_matches_reference_and_torch_native(tmp_path):
 
     from sglang_nemodiff.checkpoint import write_random_checkpoint
     from sglang_nemodiff.reference import NLDReference, ar_generate, linearspec_generate
-    from sglang_nemodiff.speedbench import ManagedServer
+    from sglang_nemodiff.servers import ManagedServer
 
     ckpt = write_random_checkpoint(str(tmp_path / "tiny"), seed=0, lora_rank=4,
                                    num_attention_heads=2, num_key_value_heads=1)

@@ -57,7 +57,7 @@ def test_autoconfig_names_missing_field(tiny_checkpoint, tmp_path):
 def test_sglang_server_fails_at_load_naming_tensor(tiny_checkpoint, tmp_path):
     """Real launches: a missing tensor and a wrong shape stop the server with the tensor's name."""
     from conftest import CPU_ARGS
-    from sglang_nemodiff.speedbench import ManagedServer, ServerStartError
+    from sglang_nemodiff.servers import ManagedServer, ServerStartError
 
     name = "encoder.layers.0.self_attn.k_proj.weight"
     cases = [(_broken_copy(tiny_checkpoint, tmp_path / "missing", drop_tensor=name),
