@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from sglang_nemodiff.kernels import (
     BLOCK_BIDIRECTIONAL,
     CAUSAL,
-    QUADRATIC,
     build_mask,
     confidence_argmax,
     confidence_argmax_reference,
@@ -77,15 +76,14 @@ def _make_batch(seed, Hq, Hkv, D, dtype, prefix_lens, ext_lens, max_ctx=64, extr
     )
 
 
-def _run_and_check(batch, mask_kind, block_size, dtype, num_splits=None, sm_scale=None):
+def _run_and_check(batch, mask_kind, dtype, num_splits=None, sm_scale=None):
     D = batch["q"].shape[-1]
     sm_scale = sm_scale if sm_scale is not None else D ** -0.5
     out = torch.full_like(batch["q"], float("nan"))  # every element must be written
-    res = structured_attention(**batch, mask_kind=mask_kind, sm_scale=sm_scale,
-                               block_size=block_size, out=out, num_splits=num_splits)
+    res = structured_attention(**batch, mask_kind=mask_kind, sm_scale=sm_scale, out=out,
+                               num_splits=num_splits)
     assert res is out
-    ref = structured_attention_reference(**batch, mask_kind=mask_kind, sm_scale=sm_scale,
-                                         block_size=block_size)
+    ref = structured_attention_reference(**batch, mask_kind=mask_kind, sm_scale=sm_scale)
     assert not torch.isnan(out).any(), "unwritten (NaN) output elements"
     assert out.dtype == batch["q"].dtype
     err = (out.float() - ref.float()).abs().max().item()
@@ -93,13 +91,11 @@ def _run_and_check(batch, mask_kind, block_size, dtype, num_splits=None, sm_scal
     return out
 
 
-BS = 4  # quadratic block size in tests: extend_len = 4 * 5 = 20
 CASES = {
     # name: (mask kinds per request, prefix lens, extend lens)
     "causal": ([CAUSAL] * 3, [0, 9, 37], [5, 19, 12]),
     "bidir": ([BLOCK_BIDIRECTIONAL] * 3, [13, 0, 33], [7, 16, 3]),
-    "quadratic": ([QUADRATIC] * 2, [11, 0], [BS * (BS + 1)] * 2),
-    "mixed": ([QUADRATIC, CAUSAL, BLOCK_BIDIRECTIONAL], [21, 6, 0], [BS * (BS + 1), 9, 17]),
+    "mixed": ([BLOCK_BIDIRECTIONAL, CAUSAL, BLOCK_BIDIRECTIONAL], [21, 6, 0], [20, 9, 17]),
 }
 
 
@@ -114,7 +110,7 @@ def test_structured_attention(case, heads, dtype):
     batch = _make_batch(seed, Hq, Hkv, 16, dtype, pls, els)
     kind = kinds[0] if len(set(kinds)) == 1 else torch.tensor(kinds, dtype=torch.int32,
                                                                    device=DEV)
-    _run_and_check(batch, kind, BS, dtype)
+    _run_and_check(batch, kind, dtype)
 
 
 @pytest.mark.parametrize("num_splits", [2, 5])
@@ -122,26 +118,27 @@ def test_structured_attention(case, heads, dtype):
 def test_structured_attention_split_kv(num_splits, dtype):
     # split-KV over the prefix + merge kernel; includes a zero-prefix request and more splits
     # than a short prefix has tiles (empty splits).
-    kinds = torch.tensor([CAUSAL, QUADRATIC, BLOCK_BIDIRECTIONAL], dtype=torch.int32, device=DEV)
-    batch = _make_batch(7, 4, 2, 16, dtype, [45, 0, 3], [6, BS * (BS + 1), 11])
-    _run_and_check(batch, kinds, BS, dtype, num_splits=num_splits)
+    kinds = torch.tensor([CAUSAL, CAUSAL, BLOCK_BIDIRECTIONAL], dtype=torch.int32, device=DEV)
+    batch = _make_batch(7, 4, 2, 16, dtype, [45, 0, 3], [6, 20, 11])
+    _run_and_check(batch, kinds, dtype, num_splits=num_splits)
 
 
 def test_structured_attention_all_zero_prefix_and_odd_shapes():
     # no prefix at all, head_dim not a power of two, G = 3 (padded to 4), int64 indices
     batch = _make_batch(3, 6, 2, 24, torch.float32, [0, 0], [1, 23], idx_dtype=torch.int64)
-    _run_and_check(batch, CAUSAL, BS, torch.float32)
-    _run_and_check(batch, BLOCK_BIDIRECTIONAL, BS, torch.float32)
+    _run_and_check(batch, CAUSAL, torch.float32)
+    _run_and_check(batch, BLOCK_BIDIRECTIONAL, torch.float32)
 
 
-def test_structured_attention_quadratic_block3_and_strided_q():
-    # block size 3 (tiles not aligned with mask blocks), q a strided view (not contiguous)
+def test_structured_attention_strided_q():
+    # q a strided view (not contiguous)
     batch = _make_batch(11, 4, 2, 16, torch.float32, [5, 17], [12, 12])
     wide = torch.randn(batch["q"].shape[0], 4, 32, device=DEV)
     wide[..., :16] = batch["q"]
     batch["q"] = wide[..., :16]
     assert not batch["q"].is_contiguous()
-    _run_and_check(batch, QUADRATIC, 3, torch.float32)
+    _run_and_check(batch, CAUSAL, torch.float32)
+    _run_and_check(batch, BLOCK_BIDIRECTIONAL, torch.float32)
 
 
 def test_structured_attention_default_out_and_hints():
@@ -153,33 +150,24 @@ def test_structured_attention_default_out_and_hints():
     assert (out.float() - ref.float()).abs().max().item() <= ATOL[torch.float16]
 
 
-def test_build_mask_quadratic_semantics():
-    bs, P = 3, 2
-    m = build_mask(QUADRATIC, P, bs * (bs + 1), bs)
-    assert m.shape == (12, 2 + 12)
-    assert m[:, :P].all()  # every query sees the whole prefix
-    new = m[:, P:]
-    for i in range(bs):  # verify slot i: verify slots 0..i
-        assert new[i].nonzero().flatten().tolist() == list(range(i + 1))
-    for j in range(bs):  # mask block j: the first j verify slots + its own block
-        own = list(range(bs + j * bs, bs + (j + 1) * bs))
-        for i in own:
-            assert new[i].nonzero().flatten().tolist() == list(range(j)) + own
+def test_build_mask_semantics():
     assert build_mask(CAUSAL, 1, 3).tolist() == [[True, True, False, False],
                                                  [True, True, True, False],
                                                  [True, True, True, True]]
     assert build_mask(BLOCK_BIDIRECTIONAL, 2, 3).all()
+    with pytest.raises(ValueError):
+        build_mask(2, 1, 3)
 
 
-def test_reference_matches_sdpa():
+@pytest.mark.parametrize("kind", [CAUSAL, BLOCK_BIDIRECTIONAL], ids=["causal", "bidir"])
+def test_reference_matches_sdpa(kind):
     # the reference itself against torch SDPA with the dense mask (one request)
-    batch = _make_batch(1, 4, 2, 16, torch.float32, [7], [BS * (BS + 1)])
-    ref = structured_attention_reference(**batch, mask_kind=QUADRATIC, sm_scale=0.25,
-                                         block_size=BS)
+    batch = _make_batch(1, 4, 2, 16, torch.float32, [7], [20])
+    ref = structured_attention_reference(**batch, mask_kind=kind, sm_scale=0.25)
     slots = batch["req_to_token"][batch["req_pool_indices"][0], :7].long()
     k = torch.cat([batch["k_cache"][slots], batch["k_new"]]).repeat_interleave(2, 1)
     v = torch.cat([batch["v_cache"][slots], batch["v_new"]]).repeat_interleave(2, 1)
-    mask = build_mask(QUADRATIC, 7, BS * (BS + 1), BS, device=DEV)
+    mask = build_mask(kind, 7, 20, device=DEV)
     sd = F.scaled_dot_product_attention(batch["q"].transpose(0, 1), k.transpose(0, 1),
                                         v.transpose(0, 1), attn_mask=mask, scale=0.25)
     assert torch.allclose(sd.transpose(0, 1), ref, atol=1e-5)

@@ -17,7 +17,6 @@ from .confidence import (
 from .structured_attention import (
     BLOCK_BIDIRECTIONAL,
     CAUSAL,
-    QUADRATIC,
     attention_launch_shape,
     build_mask,
     plan_num_splits,
@@ -33,7 +32,6 @@ __all__ = [
     "speculative_accept_reference",
     "CAUSAL",
     "BLOCK_BIDIRECTIONAL",
-    "QUADRATIC",
     "build_mask",
     "plan_num_splits",
     "attention_launch_shape",

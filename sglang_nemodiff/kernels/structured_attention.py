@@ -1,23 +1,19 @@
 """Structured-mask attention over SGLang's paged (token-level) KV cache.
 
-One Triton kernel serves the three attention patterns NLD needs, for a ragged
-batch of requests in one launch, without a dense mask tensor:
+One Triton kernel serves the two attention patterns NLD needs, for a ragged batch of requests in
+one launch, without a dense mask tensor:
 
 * ``CAUSAL`` (0): new token i sees the prefix and new tokens 0..i (prefill, AR, LinearSpec verify,
   FastDiffuser KV refresh).
 * ``BLOCK_BIDIRECTIONAL`` (1): every new token sees the prefix and all new tokens of its request
   (FastDiffuser denoise, LinearSpec draft).
-* ``QUADRATIC`` (2): quadratic self-speculation. The new tokens are B causal verify slots followed
-  by B mask blocks of B tokens (extend_len = B*(B+1)). Verify slot i sees verify slots 0..i. Mask
-  block j (tokens B + j*B .. B + j*B + B-1) sees the prefix, *the first j draft slots* (verify
-  slots 0..j-1) and all B tokens of its own block; nothing else.
 
 Layout follows SGLang's extend attention: queries/new K/V of all requests are concatenated along
 the token axis (``extend_start_loc``/``extend_lens``), the cached prefix of request b lives at
 ``k_cache[req_to_token[req_pool_indices[b], :prefix_lens[b]]]``.
 
 Design (after Triton's fused-attention tutorial, with two changes for the decode-ish shapes NLD
-runs: 32..1056 new tokens over a long prefix):
+runs: a block of 32 new tokens over a long prefix):
 
 1. GQA packing. One program owns BLOCK_M query *tokens* x all G = Hq/Hkv query heads of one KV
    head, i.e. a [BLOCK_M*G, D] query tile (row r = token r // GP, head r % GP). Each K/V tile is
@@ -28,10 +24,9 @@ runs: 32..1056 new tokens over a long prefix):
    by separate programs which write a normalised partial output plus its log-sum-exp; a second
    small kernel merges them. The new-token (masked) part is done by the last split only.
 
-Masked-tile skipping: for each query tile the kernel computes which new-token key ranges can be
-visible at all (causal: keys <= last row; quadratic: verify slots [0, j) and the tile's own mask
-blocks) and only loops over those, in two disjoint key ranges. The prefix loop has no mask
-arithmetic beyond the ragged tail.
+Masked-tile skipping: for each query tile the kernel loops only over the new-token keys that can be
+visible at all (causal: keys <= the tile's last row; block-bidirectional: all of them). The prefix
+loop has no mask arithmetic beyond the ragged tail.
 
 Numerics: fp32 accumulation and an online softmax in base 2 (``exp2`` with log2(e) folded into the
 scale). The running max starts at a large finite negative value so that a row with no visible key
@@ -52,7 +47,6 @@ from .dispatch import triton_interpreting
 
 CAUSAL = 0
 BLOCK_BIDIRECTIONAL = 1
-QUADRATIC = 2
 
 _LOG2E = 1.4426950408889634
 # Finite "minus infinity" for the running max / empty-split lse (avoids inf - inf = nan).
@@ -91,7 +85,7 @@ def _online_softmax_tile(acc, l_i, m_i, q, k, v, visible, qk_scale, DOT_FP32: tl
 def _structured_attn_fwd(
     Q, K_new, V_new, K_cache, V_cache, O, O_part, Lse_part,
     Req_to_token, Req_pool_idx, Prefix_lens, Extend_start, Extend_lens, Mask_kinds,
-    qk_scale, num_kv_heads, quad_bs,
+    qk_scale, num_kv_heads,
     stride_qt, stride_qh,
     stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_kct, stride_kch, stride_vct, stride_vch,
@@ -166,41 +160,14 @@ def _structured_attn_fwd(
     if pid_s == NUM_SPLITS - 1:
         kind = tl.load(Mask_kinds + b).to(tl.int32)
         m_hi = tl.minimum(m_start + BLOCK_M, ext_len) - 1  # last real token of this tile
-        # Quadratic key ranges: range 1 = verify slots [0, q1_hi), range 2 = own mask blocks.
-        bs = quad_bs
-        v_hi = tl.where(m_start < bs, tl.minimum(m_hi + 1, bs), 0)
-        has_mask_rows = m_hi >= bs
-        blk_lo = (tl.maximum(m_start, bs) - bs) // bs
-        blk_hi = (tl.maximum(m_hi, bs) - bs) // bs
-        # mask block j sees verify slots 0..j-1, so the tile needs verify keys [0, blk_hi)
-        q1_hi = tl.where(has_mask_rows, tl.maximum(v_hi, blk_hi), v_hi)
-        q2_lo = bs + blk_lo * bs
-        q2_hi = tl.where(has_mask_rows, bs + (blk_hi + 1) * bs, 0)
-        e1_hi = tl.where(kind == 0, m_hi + 1, tl.where(kind == 1, ext_len, q1_hi))
-        e1_hi = tl.minimum(e1_hi, ext_len)
-        e2_hi = tl.minimum(tl.where(kind == 2, q2_hi, 0), ext_len)
-        e2_lo = tl.maximum(tl.where(kind == 2, q2_lo, 0), e1_hi)  # disjoint from range 1
-        e2_hi = tl.maximum(e2_hi, e2_lo)
-
-        # Per-row quantities of the mask predicate.
+        # Visible new-token keys: causal [0, m_hi], block-bidirectional all of them.
+        e_hi = tl.where(kind == 0, m_hi + 1, ext_len)
         i2 = m_idx[:, None]
-        blk = tl.where(i2 >= bs, (i2 - bs) // bs, 0)
-        blk_start = bs + blk * bs
-        # One loop over the tiles of range 1 then range 2 (no static unrolling needed).
-        n1 = tl.cdiv(e1_hi, BLOCK_N)
-        n_tiles = n1 + tl.cdiv(e2_hi - e2_lo, BLOCK_N)
-        for t in range(0, n_tiles):
-            in_r1 = t < n1
-            start = tl.where(in_r1, t * BLOCK_N, e2_lo + (t - n1) * BLOCK_N)
-            hi = tl.where(in_r1, e1_hi, e2_hi)
+        for start in range(0, e_hi, BLOCK_N):
             cols = start + offs_n
-            c_ok = cols < hi
+            c_ok = cols < e_hi
             j2 = cols[None, :]
-            causal = j2 <= i2
-            quad = tl.where(i2 < bs, causal,
-                            (j2 < blk) | ((j2 >= blk_start) & (j2 < blk_start + bs)))
-            vis = tl.where(kind == 0, causal, tl.where(kind == 1, j2 >= 0, quad))
-            vis = vis & c_ok[None, :]
+            vis = ((kind != 0) | (j2 <= i2)) & c_ok[None, :]
             ktok = ext_start + cols.to(tl.int64)
             kv_mask = c_ok[:, None] & d_ok[None, :]
             k = tl.load(K_new + ktok[:, None] * stride_knt + kvh * stride_knh + offs_d[None, :],
@@ -295,7 +262,7 @@ def _as_kind_tensor(mask_kind, batch: int, device) -> torch.Tensor:
         assert mask_kind.shape == (batch,), "mask_kind tensor must be [B]"
         return mask_kind.to(device=device, dtype=torch.int32).contiguous()
     kind = int(mask_kind)
-    assert kind in (CAUSAL, BLOCK_BIDIRECTIONAL, QUADRATIC), f"unknown mask kind {kind}"
+    assert kind in (CAUSAL, BLOCK_BIDIRECTIONAL), f"unknown mask kind {kind}"
     return torch.full((batch,), kind, dtype=torch.int32, device=device)
 
 
@@ -305,7 +272,7 @@ def _last_dim_contig(x: torch.Tensor) -> torch.Tensor:
 
 def structured_attention(
     q, k_new, v_new, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens,
-    extend_start_loc, extend_lens, mask_kind, sm_scale, block_size=32, out=None,
+    extend_start_loc, extend_lens, mask_kind, sm_scale, out=None,
     *, max_extend_len: Optional[int] = None, max_prefix_len: Optional[int] = None,
     num_splits: Optional[int] = None,
 ):
@@ -327,7 +294,6 @@ def structured_attention(
     assert k_cache.shape[1:] == (Hkv, D) and v_cache.shape[1:] == (Hkv, D)
     assert q.dtype == k_new.dtype == v_new.dtype == k_cache.dtype == v_cache.dtype, \
         "q, k/v new and k/v cache must share a dtype"
-    assert int(block_size) >= 1
     B = req_pool_indices.shape[0]
     if out is None:
         out = torch.empty_like(q)
@@ -374,7 +340,7 @@ def structured_attention(
     _structured_attn_fwd[grid](
         q, k_new, v_new, k_cache, v_cache, o, o_part, lse_part,
         req_to_token, req_pool_indices, prefix_lens, extend_start_loc, extend_lens, kinds,
-        float(sm_scale) * _LOG2E, Hkv, int(block_size),
+        float(sm_scale) * _LOG2E, Hkv,
         q.stride(0), q.stride(1),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
@@ -404,8 +370,7 @@ def structured_attention(
 # --------------------------------------------------------------------------------------------
 
 
-def build_mask(kind: int, prefix_len: int, extend_len: int, block_size: int = 32,
-               device=None) -> torch.Tensor:
+def build_mask(kind: int, prefix_len: int, extend_len: int, device=None) -> torch.Tensor:
     """Dense bool mask [extend_len, prefix_len + extend_len]; True = query may attend to key."""
     kind = int(kind)
     i = torch.arange(extend_len, device=device)[:, None]
@@ -414,13 +379,6 @@ def build_mask(kind: int, prefix_len: int, extend_len: int, block_size: int = 32
         new = j <= i
     elif kind == BLOCK_BIDIRECTIONAL:
         new = torch.ones(extend_len, extend_len, dtype=torch.bool, device=device)
-    elif kind == QUADRATIC:
-        bs = block_size
-        blk = torch.clamp(i - bs, min=0) // bs          # mask block of a row (rows >= bs)
-        blk_start = bs + blk * bs
-        # Mask block j sees exactly the first j draft (verify) slots: keys 0..j-1.
-        in_mask = (j < blk) | ((j >= blk_start) & (j < blk_start + bs))
-        new = torch.where(i < bs, j <= i, in_mask)
     else:
         raise ValueError(f"unknown mask kind {kind}")
     pre = torch.ones(extend_len, prefix_len, dtype=torch.bool, device=device)
@@ -429,7 +387,7 @@ def build_mask(kind: int, prefix_len: int, extend_len: int, block_size: int = 32
 
 def structured_attention_reference(
     q, k_new, v_new, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens,
-    extend_start_loc, extend_lens, mask_kind, sm_scale, block_size=32, out=None, **_unused,
+    extend_start_loc, extend_lens, mask_kind, sm_scale, out=None, **_unused,
 ):
     """Plain PyTorch: gather the prefix through req_to_token, dense mask, fp32 softmax."""
     T, Hq, D = q.shape
@@ -459,7 +417,7 @@ def structured_attention_reference(
         v = v.repeat_interleave(G, dim=1)
         qb = q[s:s + E].float()
         scores = torch.einsum("ihd,jhd->hij", qb, k) * sm_scale
-        mask = build_mask(kinds[b], P, E, block_size, device=q.device)
+        mask = build_mask(kinds[b], P, E, device=q.device)
         scores = scores.masked_fill(~mask[None], float("-inf"))
         p = torch.softmax(scores, dim=-1)
         out[s:s + E] = torch.einsum("hij,jhd->ihd", p, v).to(out.dtype)
