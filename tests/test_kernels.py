@@ -1,20 +1,17 @@
 """Kernel tests: Triton kernels vs their PyTorch references.
 
-Runs natively on a CUDA GPU; without one, under the Triton interpreter (TRITON_INTERPRET=1 must be
-set before triton is imported, hence the top of this file). Shapes are tiny so the whole file
-stays fast under the interpreter.
+Runs natively on a CUDA GPU. Without one the Triton kernels run under the Triton interpreter, which
+is only on in a process that had TRITON_INTERPRET=1 set before it first imported triton (triton
+decides at import and at `@triton.jit` decoration). So on a CPU machine the tests that launch a
+kernel run their bodies in one worker process started with the variable set: this process's
+environment and its triton stay as they were, whatever ran before or runs after this file. Shapes
+are tiny so the whole file stays fast under the interpreter.
 """
 
+import functools
+import multiprocessing
 import os
-
-try:  # decide before anything imports triton
-    import torch
-
-    _HAS_CUDA = torch.cuda.is_available()
-except Exception:  # pragma: no cover
-    _HAS_CUDA = False
-if not _HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -32,7 +29,56 @@ from sglang_nemodiff.kernels import (
     linearspec_accept_reference,
     structured_attention,
     structured_attention_reference,
+    triton_interpreting,
 )
+
+_HAS_CUDA = torch.cuda.is_available()
+# Kernels run in this process on CUDA, or when the session itself started under the interpreter
+# (as the worker below does); otherwise in the worker.
+_RUN_HERE = _HAS_CUDA or triton_interpreting()
+_WORKER = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_worker():
+    """On a CPU machine: one spawned worker process with TRITON_INTERPRET=1 for this module's
+    kernel launches. The variable is set here only while the worker starts, then restored."""
+    global _WORKER
+    if _RUN_HERE:
+        yield
+        return
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        _WORKER = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        _WORKER.submit(os.getpid).result()  # the worker starts (and copies the environment) now
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    try:
+        yield
+    finally:
+        _WORKER.shutdown()
+        _WORKER = None
+
+
+def _call_here(name, args, kwargs):
+    return globals()[name](*args, **kwargs)
+
+
+def launches_kernels(test):
+    """Run the test body here if Triton can run here, else in the interpreter worker."""
+    if _RUN_HERE:
+        return test
+
+    @functools.wraps(test)
+    def in_worker(*args, **kwargs):
+        return _WORKER.submit(_call_here, test.__name__, args, kwargs).result()
+
+    return in_worker
+
 
 DEV = "cuda" if _HAS_CUDA else "cpu"
 ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -103,6 +149,7 @@ CASES = {
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("heads", [(4, 1), (2, 2)], ids=["gqa4", "mha"])
 @pytest.mark.parametrize("case", list(CASES))
+@launches_kernels
 def test_structured_attention(case, heads, dtype):
     kinds, pls, els = CASES[case]
     Hq, Hkv = heads
@@ -115,6 +162,7 @@ def test_structured_attention(case, heads, dtype):
 
 @pytest.mark.parametrize("num_splits", [2, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@launches_kernels
 def test_structured_attention_split_kv(num_splits, dtype):
     # split-KV over the prefix + merge kernel; includes a zero-prefix request and more splits
     # than a short prefix has tiles (empty splits).
@@ -123,6 +171,7 @@ def test_structured_attention_split_kv(num_splits, dtype):
     _run_and_check(batch, kinds, dtype, num_splits=num_splits)
 
 
+@launches_kernels
 def test_structured_attention_all_zero_prefix_and_odd_shapes():
     # no prefix at all, head_dim not a power of two, G = 3 (padded to 4), int64 indices
     batch = _make_batch(3, 6, 2, 24, torch.float32, [0, 0], [1, 23], idx_dtype=torch.int64)
@@ -130,6 +179,7 @@ def test_structured_attention_all_zero_prefix_and_odd_shapes():
     _run_and_check(batch, BLOCK_BIDIRECTIONAL, torch.float32)
 
 
+@launches_kernels
 def test_structured_attention_strided_q():
     # q a strided view (not contiguous)
     batch = _make_batch(11, 4, 2, 16, torch.float32, [5, 17], [12, 12])
@@ -141,6 +191,7 @@ def test_structured_attention_strided_q():
     _run_and_check(batch, BLOCK_BIDIRECTIONAL, torch.float32)
 
 
+@launches_kernels
 def test_structured_attention_default_out_and_hints():
     # includes a request with no new tokens (extend_len 0)
     batch = _make_batch(5, 2, 1, 16, torch.float16, [4, 30, 9], [8, 3, 0])
@@ -182,6 +233,7 @@ def test_reference_matches_sdpa(kind):
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("V,block_v,num_splits", [(1000, 256, 1), (4999, 512, None),
                                                   (4999, 512, 3)])
+@launches_kernels
 def test_confidence_argmax(V, block_v, num_splits, dtype):
     g = torch.Generator().manual_seed(V + (num_splits or 0))
     N, mask_id = 9, 100
