@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,8 +40,9 @@ class Run:
     tokens: list[int]
     forwards: float | None  # None: not reported
     seconds: float
-    accept_lengths: list[float] = field(default_factory=list)
+    accept_lengths: list[float] = field(default_factory=list)  # accepted drafts, one per block
     forwards_inferred: bool = False
+    block_sizes: dict[int, int] = field(default_factory=dict)  # block size -> blocks
 
 
 def parse_args(argv=None):
@@ -98,7 +96,7 @@ def run_reference(model_path, prompts_by_set, modes, args):
                 runs.append(Run(r.tokens, r.forwards, time.perf_counter() - t0, list(r.accept_lengths)))
             results[(set_name, mode)] = runs
             print(f"  {mode:12s} {set_name:12s} done", flush=True)
-    return results
+    return results, f"block size {block}"
 
 
 def _scalar(value):
@@ -115,18 +113,10 @@ def _scalar(value):
         return None
 
 
-def _accepts(value):
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        flat = []
-        for v in value:
-            flat += _accepts(v)
-        return flat
-    try:
-        return [float(value)]
-    except (TypeError, ValueError):
-        return []
+def _block_sizes(value) -> dict[int, int]:
+    """meta_info `nemodiff_blocks_per_size` ([{"32": n, ...}]) -> {32: n, ...}."""
+    value = value[0] if isinstance(value, (list, tuple)) and value else value
+    return {int(b): int(n) for b, n in value.items()} if isinstance(value, dict) else {}
 
 
 def run_server(model_path, prompts_by_set, modes, args):
@@ -167,13 +157,21 @@ def run_server(model_path, prompts_by_set, modes, args):
                         tpf = _scalar(meta.get("nemodiff_tokens_per_forward"))
                         if tpf:
                             forwards = len(tokens) / tpf
-                    run = Run(tokens, forwards, seconds, _accepts(meta.get("nemodiff_accept_length")))
+                    # nemodiff_accept_length: the request's mean tokens per block, bonus included;
+                    # one entry per block of accepted drafts, like the reference's.
+                    accept = _scalar(meta.get("nemodiff_accept_length"))
+                    blocks = _scalar(meta.get("nemodiff_blocks"))
+                    accepts = [accept - 1] * int(blocks) if accept is not None and blocks else []
+                    run = Run(tokens, forwards, seconds, accepts,
+                              block_sizes=_block_sizes(meta.get("nemodiff_blocks_per_size")))
                     if run.forwards is None and mode == "ar":
                         run.forwards, run.forwards_inferred = len(tokens), True  # one token per forward
                     runs.append(run)
                 results[(set_name, mode)] = runs
                 print(f"  {mode:12s} {set_name:12s} done", flush=True)
-    return results
+    sizes = sorted({b for runs in results.values() for r in runs for b in r.block_sizes})
+    return results, ("block sizes used " + ", ".join(map(str, sizes)) if sizes
+                     else "block size not reported")
 
 
 # ------------------------------------------------------------------------------------------
@@ -258,14 +256,14 @@ def main(argv=None):
           + ", ".join(f"{k}: {len(v)} prompts" for k, v in prompt_sets.items()), flush=True)
     t0 = time.time()
     if args.backend == "reference":
-        results = run_reference(model_path, prompt_sets, modes, args)
+        results, blocks = run_reference(model_path, prompt_sets, modes, args)
     else:
-        results = run_server(model_path, prompt_sets, modes, args)
+        results, blocks = run_server(model_path, prompt_sets, modes, args)
     rows = summarize(results, prompt_sets, modes)
     cmd = "python launch/measure_modes.py " + " ".join(sys.argv[1:]) if argv is None else str(argv)
     header = [
         f"Model `{os.path.relpath(model_path, os.getcwd()) if model_path.startswith(os.getcwd()) else model_path}`, "
-        f"backend `{args.backend}`, greedy (temperature 0), block size 32"
+        f"backend `{args.backend}`, greedy (temperature 0), {blocks}"
         + (f", FastDiffuser threshold {args.threshold}" if args.backend == "reference" else "") + ".",
         f"Prompts per set: {args.n_prompts}; max new tokens: continuation {args.max_new_tokens}, "
         f"edit {args.max_new_tokens + 32} (stop at EOS). Tokens per forward counts every forward "

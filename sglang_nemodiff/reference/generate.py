@@ -24,8 +24,10 @@ class GenerationResult:
         return len(self.tokens) / max(self.forwards, 1)
 
 
-def confidence_argmax(logits: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """argmax with the mask id excluded, and its softmax probability with the mask id kept."""
+def non_mask_argmax_and_prob(logits: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over the last dim of logits of any shape [..., V]: the argmax with the mask id excluded, and
+    that token's softmax probability with the mask id kept in the denominator (the loop-free torch
+    counterpart of `kernels.confidence_argmax`, which takes [N, V] only)."""
     probs = logits.float().softmax(-1)
     tokens = logits.float().clone()
     tokens[..., mask_id] = float("-inf")
@@ -81,7 +83,7 @@ def fastdiffuser_generate(model: NLDReference, prompt: list[int], max_new_tokens
         while masked.any():
             logits, _ = model(block, cache, causal=False)
             forwards += 1
-            x0, confidence = confidence_argmax(logits, mask_id)
+            x0, confidence = non_mask_argmax_and_prob(logits, mask_id)
             commit = masked & (confidence >= threshold)
             commit[torch.where(masked, confidence, -1.0).argmax()] = True  # the most confident, always
             block = torch.where(commit, x0, block)
@@ -114,7 +116,7 @@ def linearspec_generate(model: NLDReference, prompt: list[int], max_new_tokens: 
         block = torch.full((block_size,), mask_id, device=device)
         block[0] = tokens[-1]
         draft_logits, _ = model(block, cache, causal=False, use_draft_lora=use_draft_lora)
-        block[1:] = confidence_argmax(draft_logits, mask_id)[0][1:]
+        block[1:] = non_mask_argmax_and_prob(draft_logits, mask_id)[0][1:]
         verify_logits, kv = model(block, cache, causal=True)  # base weights: lossless
         forwards += 2
         ar = verify_logits.argmax(-1)
