@@ -87,15 +87,42 @@ def test_light_import():
     assert out.stdout.strip() == "False", out.stderr[-2000:]
 
 
-def test_vllm_stub_only_without_vllm():
-    code = ("import importlib.util, sys\n"
-            "from sglang_nemodiff.patches import vllm_stub\n"
-            "had = importlib.util.find_spec('vllm') is not None\n"
-            "vllm_stub.apply()\n"
-            "import vllm._custom_ops as ops\n"
-            "print(had or 'CPU shim' in (ops.__doc__ or ''))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == "True", out.stderr[-2000:]
+def test_vllm_stub_only_without_vllm(monkeypatch, tmp_path):
+    """Both branches, whether or not this machine has vllm: without it `apply()` installs the
+    stand-in (whose op refuses to run); with it (a stand-in package on sys.path here) it leaves
+    vllm alone."""
+    import importlib
+    import importlib.util
+
+    from sglang_nemodiff.patches import vllm_stub
+
+    names = ("vllm", "vllm._custom_ops")
+    saved = {name: sys.modules.pop(name) for name in names if name in sys.modules}
+    real_find_spec = importlib.util.find_spec
+    try:
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+        vllm_stub.apply()
+        ops = importlib.import_module("vllm._custom_ops")
+        assert "CPU shim" in ops.__doc__
+        with pytest.raises(NotImplementedError):
+            ops.rotary_embedding()
+
+        for name in names:
+            sys.modules.pop(name, None)
+        package = tmp_path / "vllm"
+        package.mkdir()
+        (package / "__init__.py").write_text('"""installed vllm"""\n')
+        (package / "_custom_ops.py").write_text("")
+        monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        vllm_stub.apply()
+        assert "vllm" not in sys.modules  # nothing installed in its place
+        assert importlib.import_module("vllm._custom_ops").__file__ == str(package / "_custom_ops.py")
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
 
 
 def test_diffusion_modes_never_capture_cuda_graphs_on_any_device():
