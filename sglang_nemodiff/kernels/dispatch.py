@@ -1,6 +1,9 @@
 """Where a kernel runs: the Triton kernel on CUDA tensors, or on CPU under the Triton interpreter
-(TRITON_INTERPRET=1, read when called: tests set it per server or fixture); its PyTorch
-reference otherwise (Triton has no CPU backend outside the interpreter)."""
+(TRITON_INTERPRET=1); its PyTorch reference otherwise (Triton has no CPU backend outside the
+interpreter). The variable is read here when called, but Triton itself fixes interpreter mode
+when it is imported and when a `@triton.jit` function is defined, so it only works if set before
+the process imports triton: tests set it in the environment of the server or worker process they
+start, never in their own."""
 
 from __future__ import annotations
 
