@@ -17,7 +17,7 @@ from typing import Optional
 logger = logging.getLogger("sglang_nemodiff")
 
 META_KEYS = ("nemodiff_algorithm", "nemodiff_forwards", "nemodiff_tokens_per_forward",
-             "nemodiff_blocks", "nemodiff_accept_length")
+             "nemodiff_blocks", "nemodiff_blocks_per_size", "nemodiff_accept_length")
 LOG_INTERVAL_S = 10.0
 
 
@@ -55,11 +55,13 @@ class RequestStats:
     blocks: int = 0
     accepted: int = 0
     drafted: bool = False
+    block_sizes: dict = field(default_factory=dict)  # block size -> blocks
 
     def add(self, result: RoundResult) -> None:
         self.forwards += result.forwards
         if result.is_block:
             self.blocks += 1
+            self.block_sizes[result.block_size] = self.block_sizes.get(result.block_size, 0) + 1
         if result.accepted is not None:
             self.accepted += result.accepted
             self.drafted = True
@@ -70,6 +72,7 @@ class RequestStats:
             "nemodiff_forwards": self.forwards,
             "nemodiff_tokens_per_forward": round(tokens / max(self.forwards, 1), 4),
             "nemodiff_blocks": self.blocks,
+            "nemodiff_blocks_per_size": {str(b): n for b, n in sorted(self.block_sizes.items())},
         }
         if self.drafted:
             # Tokens committed per block: accepted drafts plus the bonus token.
@@ -114,6 +117,8 @@ class IntervalStats:
         self.last_log = time.monotonic()
 
     def line(self) -> str:
+        from sglang_nemodiff import block_policy
+
         msg = (f"[nemodiff] #blocks: {self.blocks}, #forwards: {self.forwards}, "
                f"tokens/forward: {self.tokens / max(self.forwards, 1):.2f}")
         if self.drafted:
@@ -121,6 +126,12 @@ class IntervalStats:
         if self.block_sizes:
             sizes = ", ".join(f"{b}: {n}" for b, n in sorted(self.block_sizes.items()))
             msg += f", blocks per size: {{{sizes}}}"
+        round_state = block_policy.state()
+        if round_state is not None and round_state.last_choice is not None:
+            choice = round_state.last_choice
+            msg += f", last block size: {choice.block_size} ({choice.reason}, batch {choice.batch_size})"
+            if choice.rates:
+                msg += f", expected tok/s by B: {dict(choice.rates)}"
         return msg
 
     def maybe_log(self) -> None:

@@ -17,6 +17,10 @@ torch.set_num_threads(1)
 # The test servers run on CPU even where a GPU is visible (sglang_nemodiff.servers owns the flags).
 # --sleep-on-idle: an idle scheduler otherwise busy-polls and takes a core from the others.
 CPU_ARGS = (*SERVER_CPU_ARGS, "--skip-server-warmup", "--sleep-on-idle")
+# LinearSpec servers run the oracle's fixed 32-token blocks unless a test passes its own
+# --algorithm-config (the default, `block_size: auto`, changes B between rounds: same tokens,
+# other forward counts).
+BLOCK32 = ("--algorithm-config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "block32.yaml"))
 # A request's leaked KV slot turns into a hard error when the server is idle.
 SERVER_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -76,6 +80,8 @@ class ServerPool:
         from sglang_nemodiff.servers import ManagedServer
 
         env = env or {}
+        if algorithm == "linearspec" and not any(a.startswith("--algorithm-config") for a in extra):
+            extra = (*extra, *BLOCK32)
         key = (model_path, algorithm, extra, tuple(sorted(env.items())))
         if key in self.servers:
             self.servers[key] = self.servers.pop(key)  # most recently used last

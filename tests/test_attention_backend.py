@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from conftest import BLOCK32
+
 pytestmark = pytest.mark.slow
 
 PROMPTS = [
@@ -65,7 +67,7 @@ def test_nemodiff_backend_matches_reference_and_torch_native(tmp_path):
     # TRITON_INTERPRET=1 for the nemodiff server only (set before its processes import triton).
     envs = {"nemodiff": _env(TRITON_INTERPRET="1"), "torch_native": _env()}
     servers = {
-        backend: ManagedServer(ckpt, "linearspec", [*SERVER_ARGS, "--attention-backend", backend],
+        backend: ManagedServer(ckpt, "linearspec", [*SERVER_ARGS, *BLOCK32, "--attention-backend", backend],
                                log_path=str(tmp_path / f"{backend}.log"), env=env)
         for backend, env in envs.items()
     }

@@ -13,7 +13,7 @@ import shutil
 import pytest
 import requests
 
-from conftest import CPU_ARGS, SERVER_ENV, generate, generate_many, meta
+from conftest import BLOCK32, CPU_ARGS, SERVER_ENV, generate, generate_many, meta
 from sglang_nemodiff.bundled import bundled_model_path
 from sglang_nemodiff.reference import NLDReference, ar_generate, fastdiffuser_generate, linearspec_generate
 
@@ -85,7 +85,8 @@ def parallel_server(request, server_pool, lora_checkpoint, tmp_path_factory):
     # One core per rank (SGLang on CPU otherwise binds one rank per NUMA node, here one for both).
     env = {**os.environ, **SERVER_ENV, "SGLANG_CPU_OMP_THREADS_BIND": "0|1"}
     log = tmp_path_factory.mktemp("parallel-logs") / f"{request.param}.log"
-    server = ManagedServer(lora_checkpoint, mode, [*CPU_ARGS, *flags], log_path=str(log), env=env)
+    extra = BLOCK32 if mode == "linearspec" else ()
+    server = ManagedServer(lora_checkpoint, mode, [*CPU_ARGS, *extra, *flags], log_path=str(log), env=env)
     server.case = request.param
     with server:
         server.wait_ready(timeout=900)

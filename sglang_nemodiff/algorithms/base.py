@@ -5,7 +5,8 @@ Invariant between rounds: the KV cache holds every committed token but the last 
   after its last position (argmax, or a sample at temperature > 0) is the first seed, emitted at
   once, as AR would.
 - Each round is one DLLM_EXTEND batch over the block `[seed, MASK x (B-1)]` at the seed's
-  position. The algorithm fills it with bidirectional passes, then runs ONE causal pass over the
+  position; B is the round's (patches/dllm_req_fill_ids.py, block_policy.py), the same for
+  every request of the batch. The algorithm fills it with bidirectional passes, then runs ONE causal pass over the
   block, which writes causal KV for all B slots. The first `keep` slots' KV is kept (the
   scheduler patch frees the rest) and `keep` tokens are emitted: block[1:keep] plus one token
   from the causal pass at slot keep-1, the next seed. FastDiffuser keeps the whole block;
@@ -17,6 +18,7 @@ request's sampling parameters; every forward is counted per request (`RoundResul
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -26,7 +28,7 @@ from sglang.srt.dllm.algorithm.base import DllmAlgorithm, DllmRunOutput
 from sglang.srt.dllm.config import DllmConfig
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
-from sglang_nemodiff import kernels
+from sglang_nemodiff import block_policy, kernels
 from sglang_nemodiff.algorithms import emits_first_token
 from sglang_nemodiff.algorithms.grammar import next_token_allowed
 from sglang_nemodiff.algorithms.sampling import BatchSampling, sample_from
@@ -159,11 +161,14 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         if self.eos_id is None:
             eos = model_runner.model_config.hf_config.eos_token_id
             self.eos_id = eos[0] if isinstance(eos, (list, tuple)) else eos
-        block = forward_batch.input_ids.view(bs, self.block_size)
+        started = time.perf_counter()
+        self.forward_seconds = 0.0
+        block_size = forward_batch.input_ids.numel() // bs
+        block = forward_batch.input_ids.view(bs, block_size)
         fill = self.fill_block(model_runner, forward_batch, block, sampling)
         # One causal pass over the finished block: causal KV for every slot, logits per slot.
         out = self.forward_pass(model_runner, forward_batch, causal=True)
-        verify = out.logits_output.full_logits.view(bs, self.block_size, -1)
+        verify = out.logits_output.full_logits.view(bs, block_size, -1)
         keep, accepted, bonus = self.accept(block, verify, sampling, fill)
         keep_list, bonus_list = keep.tolist(), bonus.tolist()
         accepted_list = accepted.tolist() if accepted is not None else [None] * bs
@@ -177,9 +182,15 @@ class NLDBlockAlgorithm(DllmAlgorithm):
             logprobs = sampling.token_logprobs(self.emission_logits(verify, sampling, block, fill),
                                                emitted, keep_list)
         results = [RoundResult(forwards=fill.forwards + 1, tokens=keep_list[i], keep=keep_list[i],
-                               accepted=accepted_list[i], block_size=self.block_size,
+                               accepted=accepted_list[i], block_size=block_size,
                                logprobs=logprobs[i])
                    for i in range(bs)]
+        policy_state = block_policy.state()
+        if policy_state is not None:  # the block-size policy learns cost and acceptance
+            policy = policy_state.policy
+            policy.observe_overhead(time.perf_counter() - started - self.forward_seconds)
+            if accepted is not None:
+                policy.observe_round(block_size, accepted_list)
         return out.logits_output, tokens, None, results, out.can_run_graph
 
     @staticmethod
@@ -196,14 +207,24 @@ class NLDBlockAlgorithm(DllmAlgorithm):
             tokens[rows] = sample_from(probs.reshape(-1, V), u.reshape(-1)).view(-1, n)
         return tokens
 
-    @staticmethod
-    def forward_pass(model_runner, forward_batch, causal: bool, draft_lora: bool = False):
+    def forward_pass(self, model_runner, forward_batch, causal: bool, draft_lora: bool = False):
         options = model_runner.model.pass_options
         options.causal, options.draft_lora = causal, draft_lora
+        started = time.perf_counter()
         try:
-            return model_runner.forward(forward_batch, pp_proxy_tensors=None)
+            out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
         finally:
             options.causal, options.draft_lora = None, False
+        # Timed for the block-size policy's cost table (a device sync: the logits are read
+        # right after anyway).
+        if forward_batch.input_ids.is_cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        self.forward_seconds = getattr(self, "forward_seconds", 0.0) + seconds
+        policy_state = block_policy.state()
+        if policy_state is not None:
+            policy_state.policy.observe_forward(forward_batch.input_ids.numel(), seconds)
+        return out
 
     def emission_logits(self, verify, sampling: BatchSampling, block, fill: BlockFill):
         """[bs, B, V] logits whose slot j produced emitted token j (for logprobs)."""

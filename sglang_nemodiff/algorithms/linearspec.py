@@ -16,7 +16,7 @@ import torch
 
 from sglang_nemodiff import kernels
 from sglang_nemodiff.algorithms.base import BlockFill, NLDBlockAlgorithm, masked_confidence_argmax
-from sglang_nemodiff.algorithms.grammar import draft_under_grammar, settle
+from sglang_nemodiff.algorithms.grammar import draft_under_grammar, next_token_allowed, settle
 from sglang_nemodiff.algorithms.sampling import filtered_probs, sample_from
 
 DRAFT_STREAM, ACCEPT_STREAM = 1, 2  # random streams of one round (seeded requests)
@@ -28,6 +28,9 @@ class NemodiffLinearSpec(NLDBlockAlgorithm):
     supports_constrained_decoding = True
 
     def fill_block(self, model_runner, forward_batch, block, sampling):
+        if block.shape[1] == 1:
+            # B = 1 is AR: no drafts, no draft pass; the verify pass's one slot gives the token.
+            return BlockFill(forwards=0)
         out = self.forward_pass(model_runner, forward_batch, causal=False, draft_lora=True)
         logits = out.logits_output.full_logits.view(*block.shape, -1)
         draft, _ = masked_confidence_argmax(logits, self.mask_id)
@@ -80,6 +83,8 @@ class NemodiffLinearSpec(NLDBlockAlgorithm):
 
     def accept(self, block, verify, sampling, fill):
         logits = sampling.adjust(verify, block)
+        if block.shape[1] == 1:
+            return self._accept_ar_step(logits, sampling, fill)
         for row, (allowed, _) in (fill.grammar or {}).items():
             logits[row] = logits[row].masked_fill(~allowed, float("-inf"))
         fill.verify_logits = logits
@@ -89,12 +94,25 @@ class NemodiffLinearSpec(NLDBlockAlgorithm):
             rows = fill.sampled_rows
             chosen = sampling.select(rows)
             p = chosen.probs(logits[rows])
-            K = self.block_size - 1
+            K = block.shape[1] - 1
             u = chosen.uniforms(K + 1, ACCEPT_STREAM, p.device)
             accepted[rows], bonus[rows] = kernels.speculative_accept(
                 block[rows, 1:], fill.draft_probs, p, u[:, :K], u[:, K])
         for row, (_, advanced) in (fill.grammar or {}).items():
             settle(sampling.grammars[row], advanced, int(accepted[row]), int(bonus[row]))
+        return accepted + 1, accepted, bonus
+
+    def _accept_ar_step(self, logits, sampling, fill):
+        """B = 1: the token is the verify slot's, exactly an AR step (argmax or a sample, under
+        the grammar's mask)."""
+        for row in sampling.grammar_rows:
+            allowed = next_token_allowed(sampling.grammars[row], logits.shape[-1], logits.device)
+            logits[row, 0] = logits[row, 0].masked_fill(~allowed, float("-inf"))
+        fill.verify_logits = logits
+        bonus = self.next_tokens(logits, sampling, ACCEPT_STREAM)[:, 0]
+        for row in sampling.grammar_rows:
+            settle(sampling.grammars[row], 0, 0, int(bonus[row]))
+        accepted = torch.zeros_like(bonus)
         return accepted + 1, accepted, bonus
 
     def emission_logits(self, verify, sampling, block, fill):

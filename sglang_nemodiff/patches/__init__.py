@@ -18,6 +18,7 @@ MODULES = (
     "engine_kwargs",
     "dllm_config",
     "dllm_req_fill_ids",
+    "dllm_block_positions",
     "dllm_round_requests",
     "dllm_scheduler_result",
     "dllm_scheduler_stash",

@@ -1,6 +1,12 @@
-"""Place an NLD block at the seed. SGLang's separate-context dLLM path appends the block after all
-committed tokens; NLD's block is `[seed, MASK × (B-1)]` where the seed is the last committed token
-and is not yet in the KV cache (see algorithms/base.py)."""
+"""Place an NLD block at the seed, at the round's block size. SGLang's separate-context dLLM path
+appends the block after all committed tokens; NLD's block is `[seed, MASK × (B-1)]` where the seed
+is the last committed token and is not yet in the KV cache (see algorithms/base.py).
+
+B is the round's (block_policy.py): every request of a decode round gets the same B, decided once
+per scheduling step when the first block of the step is placed. A step starts in
+`DllmManager.init_next_round`, which places the next block of every request that just ran.
+A request waiting with a block placed in an earlier step (a prefill round ran in between, or
+the pool had no room) keeps its block, and the step takes its size."""
 
 from __future__ import annotations
 
@@ -10,19 +16,87 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from sglang_nemodiff.patches.dllm_config import is_nemodiff_algorithm
 
-TARGETS = ("sglang.srt.dllm.mixin.req.ReqDllmMixin._init_fill_ids_for_dllm",)
+TARGETS = (
+    "sglang.srt.dllm.mixin.req.ReqDllmMixin._init_fill_ids_for_dllm",
+    "sglang.srt.dllm.mixin.scheduler.DllmManager.init_next_round",
+    "sglang.srt.dllm.mixin.req.DllmReqPhase",
+)
+
+
+class _Step:
+    manager = None  # the DllmManager of this process (one scheduler per process)
+    block_size = None  # decided for the current scheduling step
+    replacing = frozenset()  # ids of the requests whose block this step re-places
+
+
+def _round_state(dllm_config):
+    from sglang_nemodiff.algorithms import mode_of
+    from sglang_nemodiff.block_policy import init_state, state
+    from sglang_nemodiff.settings import AlgorithmSettings
+
+    return state() or init_state(AlgorithmSettings.from_mapping(dllm_config.algorithm_config),
+                                 dllm_config.block_size, mode_of(dllm_config.algorithm))
+
+
+def _decide(dllm_config) -> int:
+    from sglang.srt.dllm.mixin.req import DllmReqPhase
+
+    round_state = _round_state(dllm_config)
+    manager = _Step.manager
+    queued = [r for r in (manager.waiting_queue if manager is not None else []) if not r.finished()]
+    staged = {len(r.full_untruncated_fill_ids) - r.dllm_block_offset for r in queued
+              if r.dllm_phase == DllmReqPhase.STAGING_DECODE and id(r) not in _Step.replacing
+              and r.dllm_initialized and len(r.full_untruncated_fill_ids) > r.dllm_block_offset}
+    if staged:
+        block_size = max(staged)
+        round_state.current = block_size
+    else:
+        # The decode batch this step forms: every queued request that has its first token.
+        batch = min(max(sum(bool(r.output_ids) for r in queued), 1), dllm_config.max_running_requests)
+        block_size = round_state.begin_round(batch)
+    return _broadcast(block_size)
+
+
+def _broadcast(block_size: int) -> int:
+    """Tensor-parallel ranks must run the same B: rank 0's choice wins."""
+    try:
+        from sglang.srt.distributed import get_tp_group
+
+        group = get_tp_group()
+    except Exception:  # no model-parallel group in this process
+        return block_size
+    if group.world_size <= 1:
+        return block_size
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([block_size], dtype=torch.int64)
+    dist.broadcast(value, src=group.ranks[0], group=group.cpu_group)
+    return int(value.item())
 
 
 def init_fill_ids_for_dllm(original, req):
     if not is_nemodiff_algorithm(req.dllm_config.algorithm) or not req.output_ids:
         # No seed yet: the (chunked) causal prefill of the prompt runs as in stock SGLang.
         return original(req)
+    if _Step.block_size is None:
+        _Step.block_size = _decide(req.dllm_config)
+        from sglang_nemodiff.block_policy import state
+
+        state().current = _Step.block_size
     committed = req.origin_input_ids + req.output_ids
-    block_size = req.dllm_config.block_size
     req.dllm_block_offset = len(committed) - 1
-    req.full_untruncated_fill_ids = committed + array("q", [req.dllm_config.mask_id] * (block_size - 1))
+    req.full_untruncated_fill_ids = committed + array("q", [req.dllm_config.mask_id] * (_Step.block_size - 1))
     req.dllm_initialized = True
+
+
+def init_next_round(original, manager):
+    _Step.manager = manager
+    _Step.block_size = None
+    _Step.replacing = frozenset(map(id, manager.staging_queue))
+    original(manager)
 
 
 def apply() -> None:
     HookRegistry.register(TARGETS[0], init_fill_ids_for_dllm, HookType.AROUND)
+    HookRegistry.register(TARGETS[1], init_next_round, HookType.AROUND)

@@ -14,9 +14,9 @@ TARGETS = ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin._stash_dllm_conte
 def stash_dllm_context(original, scheduler, req):
     if not is_nemodiff_algorithm(scheduler.dllm_config.algorithm):
         return original(scheduler, req)
-    block_size = scheduler.dllm_config.block_size
-    assert req.extend_end == req.dllm_block_offset + block_size
-    keep = req.nemodiff_round.keep
+    round_result = req.nemodiff_round
+    assert req.extend_end == req.dllm_block_offset + round_result.block_size
+    keep = round_result.keep
     context_len = req.dllm_block_offset + keep
     # Invariant: everything committed but the new seed is cached.
     assert context_len == len(req.origin_input_ids) + len(req.output_ids) - 1, (

@@ -1,0 +1,216 @@
+"""LinearSpec's block size per batch (`block_size: auto`).
+
+LinearSpec is lossless, so the block size B can change between rounds without changing any
+output token. A round of B > 1 costs two forwards of bs·B query tokens (draft + verify) and
+commits 1 + min(accepted, B-1) tokens per request; B = 1 is AR itself: no draft pass, one causal
+forward, one token. The policy picks, for the batch about to run, the B in {1, 2, 4, ..., max}
+that maximises expected committed tokens per second:
+
+    bs · E[tokens | B] / (passes(B) · cost(bs · B) + overhead)
+
+- cost(n): seconds of one forward of n query tokens, from a table of timed forwards on the
+  serving device (an exponential moving average per power-of-two bucket of n, interpolated
+  in between, extrapolated linearly beyond). The first rounds after start-up sweep every B once
+  (logged) to fill it; every round refreshes it.
+- E[tokens | B] = 1 + sum_{k=1}^{B-1} P(accepted >= k): the acceptance is a prefix, so the
+  acceptance at a smaller B follows from the same statistics. P(accepted >= k) is counted over
+  the blocks that could have accepted k drafts (B > k), decayed per round so it follows the
+  traffic, with a weak optimistic prior so an untried large B gets tried.
+- Every `EXPLORE_EVERY`-th round takes the next larger B than the best, so acceptance at larger
+  blocks stays measured.
+
+One policy per scheduler process. Under tensor parallelism every rank must run the same B: rank 0
+decides and broadcasts it over the CPU group (the ranks' timings differ).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+logger = logging.getLogger("sglang_nemodiff")
+
+EXPLORE_EVERY = 32
+DECAY = 0.995  # per round, acceptance statistics
+COST_EMA = 0.2  # weight of a new timing in its bucket
+PRIOR_WEIGHT, PRIOR_RATE = 1.0, 0.8  # pseudo-blocks accepting each next draft with this rate
+
+
+@dataclass
+class CostTable:
+    """Seconds per forward of n query tokens, by power-of-two bucket of n."""
+
+    seconds: dict = field(default_factory=dict)  # bucket exponent -> EMA seconds
+
+    @staticmethod
+    def bucket(n: int) -> int:
+        return max(0, round(math.log2(max(n, 1))))
+
+    def observe(self, n: int, seconds: float) -> None:
+        b = self.bucket(n)
+        old = self.seconds.get(b)
+        self.seconds[b] = seconds if old is None else (1 - COST_EMA) * old + COST_EMA * seconds
+
+    def known(self, n: int) -> bool:
+        return self.bucket(n) in self.seconds
+
+    def cost(self, n: int) -> Optional[float]:
+        """Interpolated in log2(n) between measured buckets, linear in n beyond them (the slope
+        of the last two), flat below the first."""
+        if not self.seconds:
+            return None
+        x = math.log2(max(n, 1))
+        points = sorted(self.seconds.items())
+        if x <= points[0][0]:
+            return points[0][1]
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            if x <= x1:
+                return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        (x0, y0), (x1, y1) = (points[-2], points[-1]) if len(points) > 1 else (points[-1], points[-1])
+        n0, n1 = 2 ** x0, 2 ** x1
+        slope = (y1 - y0) / (n1 - n0) if n1 > n0 else y1 / n1  # one point: proportional
+        return y1 + max(slope, 0.0) * (n - n1)
+
+
+@dataclass
+class Acceptance:
+    """Decayed counts of blocks that could accept k drafts, and of those that did."""
+
+    max_block: int
+    could: list = field(default_factory=list)  # index k: blocks with B - 1 >= k
+    did: list = field(default_factory=list)  # index k: of those, accepted >= k
+
+    def __post_init__(self):
+        self.could = [0.0] * self.max_block
+        self.did = [0.0] * self.max_block
+
+    def observe(self, block_size: int, accepted: Sequence[int]) -> None:
+        for k in range(1, self.max_block):
+            self.could[k] *= DECAY
+            self.did[k] *= DECAY
+        for a in accepted:
+            for k in range(1, block_size):
+                self.could[k] += 1
+                self.did[k] += a >= k
+
+    def at_least(self) -> list:
+        """P(accepted >= k) for k = 0 .. max_block-1, non-increasing in k."""
+        probs, last = [1.0], 1.0
+        for k in range(1, self.max_block):
+            prior = PRIOR_RATE ** k
+            p = (self.did[k] + PRIOR_WEIGHT * prior) / (self.could[k] + PRIOR_WEIGHT)
+            last = min(last, p)
+            probs.append(last)
+        return probs
+
+    def expected_tokens(self, block_size: int) -> float:
+        return sum(self.at_least()[:block_size])
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One round's decision and its inputs (logged, counted in meta_info by block size)."""
+
+    block_size: int
+    batch_size: int
+    reason: str  # "policy" | "sweep" | "explore" | "fixed" | "cycle"
+    rates: tuple = ()  # (B, expected tokens/s) per candidate
+
+
+class BlockSizePolicy:
+    def __init__(self, max_block: int, sizes: Sequence[int], overhead_s: float = 0.0):
+        self.max_block = max_block
+        self.sizes = tuple(b for b in sizes if b <= max_block) or (max_block,)
+        self.cost = CostTable()
+        self.acceptance = Acceptance(max_block)
+        self.overhead_s = overhead_s  # per round, outside the forwards (EMA of measured)
+        self.rounds = 0
+
+    @staticmethod
+    def passes(block_size: int) -> int:
+        return 1 if block_size == 1 else 2
+
+    def rates(self, batch_size: int) -> list:
+        """(B, expected committed tokens per second) for every candidate B."""
+        out = []
+        for b in self.sizes:
+            seconds = self.passes(b) * self.cost.cost(batch_size * b) + self.overhead_s
+            out.append((b, batch_size * self.acceptance.expected_tokens(b) / max(seconds, 1e-9)))
+        return out
+
+    def choose(self, batch_size: int) -> Choice:
+        self.rounds += 1
+        batch_size = max(batch_size, 1)
+        for b in sorted(self.sizes, reverse=True):  # start-up sweep: time every B once
+            if not self.cost.known(batch_size * b) and self.cost.bucket(batch_size * b) <= self.cost.bucket(self.max_block):
+                return Choice(b, batch_size, "sweep")
+        rates = self.rates(batch_size)
+        best = max(rates, key=lambda r: r[1])[0]
+        reason = "policy"
+        if self.rounds % EXPLORE_EVERY == 0 and best < max(self.sizes):
+            best = min(b for b in self.sizes if b > best)
+            reason = "explore"
+        return Choice(best, batch_size, reason, tuple((b, round(r, 1)) for b, r in rates))
+
+    def observe_forward(self, query_tokens: int, seconds: float) -> None:
+        self.cost.observe(query_tokens, seconds)
+
+    def observe_overhead(self, seconds: float) -> None:
+        self.overhead_s = (1 - COST_EMA) * self.overhead_s + COST_EMA * max(seconds, 0.0)
+
+    def observe_round(self, block_size: int, accepted: Sequence[int]) -> None:
+        if block_size > 1:
+            self.acceptance.observe(block_size, accepted)
+
+
+class RoundBlockSize:
+    """The scheduler-side state: the block size of the round being formed, chosen from the
+    settings (fixed, cycle or policy). (Room to the context end needs no cap: a request finishes
+    once a block of the largest size would not fit, as in stock SGLang.)"""
+
+    def __init__(self, settings, max_block: int, mode: str):
+        from sglang_nemodiff.settings import BLOCK_SIZES
+
+        self.max_block = max_block
+        self.fixed = max_block if (mode != "linearspec" or settings.block_size != "auto") else None
+        self.cycle = tuple(settings.block_size_cycle) if settings.block_size_cycle else None
+        self.policy = BlockSizePolicy(max_block, BLOCK_SIZES)
+        self.current = max_block
+        self.cycle_index = 0
+        self.last_choice: Optional[Choice] = None
+        self.last_log = 0.0
+        self.last_reason = None
+
+    def begin_round(self, batch_size: int) -> int:
+        if self.cycle is not None:
+            b = min(self.cycle[self.cycle_index % len(self.cycle)], self.max_block)
+            self.cycle_index += 1
+            choice = Choice(b, batch_size, "cycle")
+        elif self.fixed is not None:
+            choice = Choice(self.fixed, batch_size, "fixed")
+        else:
+            choice = self.policy.choose(batch_size)
+        self.current = choice.block_size
+        self.last_choice = choice
+        # Logged: the sweep, every change of reason, and a policy choice every 10 s.
+        if choice.reason == "sweep" or choice.reason != self.last_reason or (choice.rates and time.monotonic() - self.last_log >= 10.0):
+            self.last_log, self.last_reason = time.monotonic(), choice.reason
+            logger.info("[nemodiff] block size %d for batch %d (%s)%s", choice.block_size, batch_size,
+                        choice.reason, f"; expected tok/s by B: {dict(choice.rates)}" if choice.rates else "")
+        return self.current
+
+
+_STATE: Optional[RoundBlockSize] = None
+
+
+def init_state(settings, max_block: int, mode: str) -> RoundBlockSize:
+    global _STATE
+    _STATE = RoundBlockSize(settings, max_block, mode)
+    return _STATE
+
+
+def state() -> Optional[RoundBlockSize]:
+    return _STATE
