@@ -94,22 +94,22 @@ def test_request_near_the_end_of_the_context_finishes(any_server, reference):
 
 # A small pool, and an optimistic growth estimate so that admission over-commits and the
 # retraction path must run (the default estimate alone keeps this load from running out).
-PRESSURE_ARGS = ("--max-total-tokens", "1024", "--schedule-conservativeness", "0.3")
+PRESSURE_ARGS = ("--max-total-tokens", "768", "--schedule-conservativeness", "0.3")
 
 
 @pytest.mark.parametrize("mode", ["linearspec", "fastdiffuser"])
 def test_kv_pressure_completes_every_request(server_pool, tiny_checkpoint, reference, mode):
-    """More tokens in flight than the pool holds (6 x (64 + 300) on 1,024 slots): every request
+    """More tokens in flight than the pool holds (6 x (64 + 200) on 768 slots): every request
     completes with the oracle's tokens; admission reserves growth and, when the pool still runs
     out, a request is retracted and re-encoded (the log says so) instead of livelocking."""
     server = server_pool.get(tiny_checkpoint, mode, *PRESSURE_ARGS)
     rng = random.Random(7)
     prompts = [[rng.randrange(130, VOCAB) for _ in range(64)] for _ in range(6)]
     t0 = time.monotonic()
-    responses = generate_many(server, prompts, 300)
+    responses = generate_many(server, prompts, 200)
     elapsed = time.monotonic() - t0
     for ids, response in zip(prompts, responses):
-        assert response["output_ids"] == oracle(mode, reference, ids, 300)
+        assert response["output_ids"] == oracle(mode, reference, ids, 200)
     log = open(server.log_path, errors="replace").read()
     assert "retracted request" in log, "the pressure did not reach retraction: tighten the test"
     print(f"{mode}: 6 requests under KV pressure in {elapsed:.1f} s, "

@@ -82,7 +82,7 @@ class NLDBlockAlgorithm(DllmAlgorithm):
     requires_separate_context_encoding = True
     supported_attention_backends = ("torch_native", "triton", "flashinfer", "fa3", "nemodiff")
     mode_name = "diffusion"
-    # Request features a mode cannot serve yet: (test, name) pairs, see validate_request.
+    # Request features each mode serves (validate_request answers 400 for the others).
     supports_penalties = False
     supports_constrained_decoding = False
 
