@@ -34,8 +34,8 @@ def map_nemodiff_options(options: dict, current: dict) -> dict:
     overrides["ar_mode"] = dllm_name is None
     fields = {"json_model_override_args": json.dumps(overrides)}
     if dllm_name is not None:
-        fields.update(dllm_algorithm=dllm_name, dllm_algorithm_config=config_path or DEFAULT_CONFIG,
-                      dllm_fdfo=False)
+        # (first-done-first-out is off in the DllmConfig the plugin builds: patches/dllm_config.py)
+        fields.update(dllm_algorithm=dllm_name, dllm_algorithm_config=config_path or DEFAULT_CONFIG)
         if current.get("max_running_requests") is None:
             fields["max_running_requests"] = DEFAULT_MAX_RUNNING_REQUESTS
         # On every device: SGLang captures DLLM_EXTEND forwards in CUDA graphs, but an NLD round

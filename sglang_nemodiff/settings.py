@@ -72,11 +72,13 @@ def load_settings(path: str | None) -> AlgorithmSettings:
 
 
 def current_settings() -> AlgorithmSettings:
-    """The settings of this SGLang process (from `--dllm-algorithm-config`, else defaults)."""
+    """The settings of this SGLang process (`--dllm-algorithm-config`), defaults outside one. Only
+    "no SGLang config here" falls back to defaults; a config that cannot be read raises, so a
+    model never, e.g., loads the draft LoRA that the YAML turns off."""
     try:
         from sglang.srt.runtime_context import get_exec
 
         path = get_exec().dllm.dllm_algorithm_config
-    except Exception:  # not inside an SGLang process
+    except (ImportError, ValueError):  # not inside an SGLang process: no published config
         path = None
     return load_settings(path)

@@ -83,6 +83,9 @@ class ServerPool:
         if algorithm == "linearspec" and not any(a.startswith("--algorithm-config") for a in extra):
             extra = (*extra, *BLOCK32)
         key = (model_path, algorithm, extra, tuple(sorted(env.items())))
+        if key in self.servers and self.servers[key].proc.poll() is not None:
+            # Gone: an in-process sgl.Engine's shutdown kills every child of this process.
+            self.servers.pop(key).stop()
         if key in self.servers:
             self.servers[key] = self.servers.pop(key)  # most recently used last
         else:

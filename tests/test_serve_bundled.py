@@ -49,22 +49,46 @@ def test_bundled_serves_in_all_modes(server_pool, bundled_reference, bundled_pro
         print(f"bundled {mode}: tokens/forward per prompt {tpf}")
 
 
-def test_draft_lora_is_applied_in_sglang(server_pool, bundled_prompts, tmp_path_factory):
+@pytest.fixture(scope="module")
+def random_lora_checkpoint(tmp_path_factory):
+    """The bundled model with its adapter replaced by a random one (drafts change, AR does not)."""
     from sglang_nemodiff.checkpoint import write_random_lora
 
     path = str(tmp_path_factory.mktemp("lora") / "nld-tiny-lora")
     shutil.copytree(bundled_model_path(), path)
+    write_random_lora(os.path.join(path, "linear_spec_lora"), NLDReference.from_pretrained(path).config,
+                      rank=8, seed=7, scale=0.5)
+    return path
+
+
+def _forwards_with_and_without(path, prompts):
     reference = NLDReference.from_pretrained(path)
-    write_random_lora(os.path.join(path, "linear_spec_lora"), reference.config, rank=8, seed=7,
-                      scale=0.5)
-    reference = NLDReference.from_pretrained(path)
-    responses = generate_many(server_pool.get(path, "linearspec"), bundled_prompts, MAX_NEW)
-    with_lora, without = [], []
-    for ids, response in zip(bundled_prompts, responses):
-        on = linearspec_generate(reference, ids, MAX_NEW, 11, use_draft_lora=True)
-        off = linearspec_generate(reference, ids, MAX_NEW, 11, use_draft_lora=False)
-        assert response["output_ids"] == on.tokens == off.tokens  # verify never uses the LoRA
-        assert meta(response, "nemodiff_forwards") == on.forwards
-        with_lora.append(on.forwards)
-        without.append(off.forwards)
-    assert with_lora != without  # the adapter changes drafts, and SGLang follows the LoRA oracle
+    runs = [(linearspec_generate(reference, ids, MAX_NEW, 11, use_draft_lora=True),
+             linearspec_generate(reference, ids, MAX_NEW, 11, use_draft_lora=False)) for ids in prompts]
+    for on, off in runs:
+        assert on.tokens == off.tokens  # verify never uses the LoRA
+    return [on for on, _ in runs], [off for _, off in runs]
+
+
+def test_draft_lora_is_applied_in_sglang(server_pool, bundled_prompts, random_lora_checkpoint):
+    on, off = _forwards_with_and_without(random_lora_checkpoint, bundled_prompts)
+    responses = generate_many(server_pool.get(random_lora_checkpoint, "linearspec"), bundled_prompts, MAX_NEW)
+    assert [r["output_ids"] for r in responses] == [o.tokens for o in on]
+    assert [meta(r, "nemodiff_forwards") for r in responses] == [o.forwards for o in on]
+    # the adapter changes drafts, and SGLang follows the LoRA oracle
+    assert [o.forwards for o in on] != [o.forwards for o in off]
+
+
+def test_use_lora_false_and_lora_path_settings(server_pool, bundled_prompts, random_lora_checkpoint, tmp_path):
+    """`use_lora: false` serves without the checkpoint's adapter; `lora_path` serves another one:
+    each server spends exactly the forwards of the matching oracle."""
+    on, off = _forwards_with_and_without(random_lora_checkpoint, bundled_prompts)
+    (tmp_path / "off.yaml").write_text("block_size: 32\nuse_lora: false\n")
+    (tmp_path / "path.yaml").write_text(
+        f"block_size: 32\nlora_path: {os.path.join(random_lora_checkpoint, 'linear_spec_lora')}\n")
+    cases = ((random_lora_checkpoint, "off.yaml", off), (bundled_model_path(), "path.yaml", on))
+    for model, config, expected in cases:
+        server = server_pool.get(model, "linearspec", "--algorithm-config", str(tmp_path / config))
+        responses = generate_many(server, bundled_prompts, MAX_NEW)
+        assert [meta(r, "nemodiff_forwards") for r in responses] == [e.forwards for e in expected], config
+        assert [r["output_ids"] for r in responses] == [e.tokens for e in expected]
