@@ -175,3 +175,28 @@ def test_cpu_thread_binding_spec():
     assert parse_cpu_ids("0-3") == [0, 1, 2, 3]
     assert parse_cpu_ids("0,2,4-5") == [0, 2, 4, 5]
     assert parse_cpu_ids([3, 1]) == [1, 3]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_native_extend_without_padding_equals_stock(causal):
+    """patches/torch_native_extend.py computes the stock torch_native extend attention (which pads
+    every request's queries to its whole sequence) with only the extend rows."""
+    import torch
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    from sglang_nemodiff.patches.torch_native_extend import sdpa_extend
+
+    torch.manual_seed(0)
+    H, D, pool = 4, 8, 64
+    prefix, extend = torch.tensor([5, 0, 17]), torch.tensor([3, 6, 1])
+    seq = prefix + extend
+    k_cache, v_cache = torch.randn(pool, H, D), torch.randn(pool, H, D)
+    req_to_token = torch.stack([torch.randperm(pool)[:32] for _ in range(3)])
+    query = torch.randn(int(extend.sum()), H, D)
+    args = (k_cache, v_cache, req_to_token, torch.arange(3), seq, prefix, extend)
+    stock = TorchNativeAttnBackend._run_sdpa_forward_extend(None, query, torch.zeros_like(query), *args,
+                                                            scaling=0.3, causal=causal)
+    ours = sdpa_extend(query, torch.zeros_like(query), *args, scaling=0.3, causal=causal)
+    assert torch.allclose(ours, stock, atol=1e-5)
+    if causal:  # and the mask matters: without it the rows differ
+        assert not torch.allclose(sdpa_extend(query, torch.zeros_like(query), *args, scaling=0.3), stock, atol=1e-3)

@@ -29,6 +29,7 @@ MODULES = (
     "cuda_graph_guard",
     "output_stats",
     "attention_backend_registry",
+    "torch_native_extend",
 )
 
 

@@ -1,0 +1,73 @@
+"""Extend attention of SGLang's `torch_native` backend without the padded query, in the diffusion
+modes. Stock SGLang 0.5.23 pads each request's extend queries to the whole sequence
+(`per_req_query_redudant`: L x L scores) so it can use SDPA's `is_causal`; a block round extends
+B tokens after a long cached context, so it computed L x L scores per request per layer where
+B x L are needed (the bundled model at concurrency 8: 65% of the server's time in this
+function, and an AR step taken as a 1-token block ran at 0.68x AR decode). Here each request's
+B queries attend over its L keys directly, with an explicit causal mask when the layer is causal
+(query i sees keys up to prefix + i) and none when it is bidirectional. Same math, rows computed
+once. AR mode keeps the stock function (its output is the accuracy reference)."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.functional import scaled_dot_product_attention
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+TARGETS = ("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend",)
+
+
+def _diffusion_server() -> bool:
+    try:
+        from sglang.srt.runtime_context import get_exec
+
+        algorithm = get_exec().dllm.dllm_algorithm
+    except (ImportError, ValueError, AttributeError):
+        return False
+    from sglang_nemodiff.patches.dllm_config import is_nemodiff_algorithm
+
+    return is_nemodiff_algorithm(algorithm)
+
+
+def run_sdpa_forward_extend(original, backend, query, output, k_cache, v_cache, req_to_token,
+                            req_pool_indices, seq_lens, extend_prefix_lens, extend_seq_lens,
+                            encoder_lens=None, scaling=None, enable_gqa=False, causal=False,
+                            is_cross_attn=False, sliding_window_size=None):
+    if (encoder_lens is not None or is_cross_attn or (sliding_window_size is not None and sliding_window_size > -1)
+            or not _diffusion_server()):
+        return original(backend, query, output, k_cache, v_cache, req_to_token, req_pool_indices,
+                        seq_lens, extend_prefix_lens, extend_seq_lens, encoder_lens=encoder_lens,
+                        scaling=scaling, enable_gqa=enable_gqa, causal=causal,
+                        is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size)
+    return sdpa_extend(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                       extend_prefix_lens, extend_seq_lens, scaling, enable_gqa, causal)
+
+
+def sdpa_extend(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                extend_prefix_lens, extend_seq_lens, scaling=None, enable_gqa=False, causal=False):
+    """Each request's extend queries [q_len] over its keys [kv_len] (prefix + extend)."""
+    query = query.movedim(0, query.dim() - 2)  # [H, tokens, D]
+    start_q = 0
+    for seq_idx, (q_len, prefix, kv_len) in enumerate(
+            zip(extend_seq_lens.tolist(), extend_prefix_lens.tolist(), seq_lens.tolist())):
+        end_q = start_q + q_len
+        tokens = req_to_token[req_pool_indices[seq_idx], :kv_len]
+        key = k_cache[tokens].movedim(0, query.dim() - 2)
+        value = v_cache[tokens].movedim(0, query.dim() - 2)
+        per_req_query = query[:, start_q:end_q, :]
+        if key.dtype != per_req_query.dtype:
+            key, value = key.to(per_req_query.dtype), value.to(per_req_query.dtype)
+        mask = None
+        if causal:
+            q_pos = torch.arange(prefix, prefix + q_len, device=query.device)
+            mask = torch.arange(kv_len, device=query.device)[None, :] <= q_pos[:, None]
+        out = scaled_dot_product_attention(per_req_query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0),
+                                           attn_mask=mask, enable_gqa=enable_gqa, scale=scaling)
+        output[start_q:end_q] = out.squeeze(0).movedim(query.dim() - 2, 0)
+        start_q = end_q
+    return output
+
+
+def apply() -> None:
+    HookRegistry.register(TARGETS[0], run_sdpa_forward_extend, HookType.AROUND)
