@@ -45,6 +45,21 @@ def tiny_checkpoint(tmp_path_factory):
                                    lora_rank=8)
 
 
+def bundled_with_random_lora(directory) -> str:
+    """A copy of the bundled model whose draft adapter is a random one (drafts change, AR does not)."""
+    import shutil
+
+    from sglang_nemodiff.bundled import bundled_model_path
+    from sglang_nemodiff.checkpoint import write_random_lora
+    from sglang_nemodiff.reference import NLDReference
+
+    path = os.path.join(str(directory), "nld-tiny-lora")
+    shutil.copytree(bundled_model_path(), path)
+    write_random_lora(os.path.join(path, "linear_spec_lora"), NLDReference.from_pretrained(path).config,
+                      rank=8, seed=7, scale=0.5)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tiny_checkpoint):
     from transformers import AutoTokenizer

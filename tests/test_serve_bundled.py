@@ -2,11 +2,10 @@
 draft-only LoRA observed inside SGLang (its acceptance equals the oracle's with the LoRA on)."""
 
 import os
-import shutil
 
 import pytest
 
-from conftest import generate_many, meta
+from conftest import bundled_with_random_lora, generate_many, meta
 from sglang_nemodiff.bundled import bundled_model_path
 from sglang_nemodiff.reference import (
     NLDReference,
@@ -51,14 +50,7 @@ def test_bundled_serves_in_all_modes(server_pool, bundled_reference, bundled_pro
 
 @pytest.fixture(scope="module")
 def random_lora_checkpoint(tmp_path_factory):
-    """The bundled model with its adapter replaced by a random one (drafts change, AR does not)."""
-    from sglang_nemodiff.checkpoint import write_random_lora
-
-    path = str(tmp_path_factory.mktemp("lora") / "nld-tiny-lora")
-    shutil.copytree(bundled_model_path(), path)
-    write_random_lora(os.path.join(path, "linear_spec_lora"), NLDReference.from_pretrained(path).config,
-                      rank=8, seed=7, scale=0.5)
-    return path
+    return bundled_with_random_lora(tmp_path_factory.mktemp("lora"))
 
 
 def _forwards_with_and_without(path, prompts):

@@ -8,12 +8,11 @@ row-parallel over the attention output like o_proj, B replicated) and not only t
 One server at a time (a 2-rank server takes both cores), shared by the tests of its case."""
 
 import os
-import shutil
 
 import pytest
 import requests
 
-from conftest import BLOCK32, CPU_ARGS, SERVER_ENV, generate, generate_many, meta
+from conftest import BLOCK32, CPU_ARGS, SERVER_ENV, bundled_with_random_lora, generate, generate_many, meta
 from sglang_nemodiff.bundled import bundled_model_path
 from sglang_nemodiff.reference import NLDReference, ar_generate, fastdiffuser_generate, linearspec_generate
 
@@ -32,13 +31,7 @@ CASES = {  # case: (mode, parallel flags); LinearSpec at the oracle's fixed 32-t
 
 @pytest.fixture(scope="module")
 def lora_checkpoint(tmp_path_factory):
-    from sglang_nemodiff.checkpoint import write_random_lora
-
-    path = str(tmp_path_factory.mktemp("parallel") / "nld-tiny-lora")
-    shutil.copytree(bundled_model_path(), path)
-    write_random_lora(os.path.join(path, "linear_spec_lora"), NLDReference.from_pretrained(path).config,
-                      rank=8, seed=7, scale=0.5)
-    return path
+    return bundled_with_random_lora(tmp_path_factory.mktemp("parallel"))
 
 
 @pytest.fixture(scope="module")
