@@ -16,8 +16,8 @@ that maximises expected committed tokens per second:
   acceptance at a smaller B follows from the same statistics. P(accepted >= k) is counted over
   the blocks that could have accepted k drafts (B > k), decayed per round so it follows the
   traffic, with a weak optimistic prior so an untried large B gets tried.
-- Every `EXPLORE_EVERY`-th round takes the next larger B than the best, so acceptance at larger
-  blocks stays measured.
+- Every `EXPLORE_EVERY`-th round takes a larger B than the best (the next size up, every
+  `EXPLORE_MAX_EVERY`-th time the largest), so acceptance at larger blocks stays measured.
 
 One policy per scheduler process. Under tensor parallelism every rank must run the same B: rank 0
 decides and broadcasts it over the CPU group (the ranks' timings differ).
@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 logger = logging.getLogger("sglang_nemodiff")
 
 EXPLORE_EVERY = 32
+EXPLORE_MAX_EVERY = 4
 DECAY = 0.995  # per round, acceptance statistics
 COST_EMA = 0.2  # weight of a new timing in its bucket
 PRIOR_WEIGHT, PRIOR_RATE = 1.0, 0.8  # pseudo-blocks accepting each next draft with this rate
@@ -151,7 +152,12 @@ class BlockSizePolicy:
         best = max(rates, key=lambda r: r[1])[0]
         reason = "policy"
         if self.rounds % EXPLORE_EVERY == 0 and best < max(self.sizes):
-            best = min(b for b in self.sizes if b > best)
+            # Keep the acceptance of larger blocks measured: usually the next size up; every
+            # EXPLORE_MAX_EVERY-th exploration the largest block, which measures every k at once
+            # (the next size up alone can leave a policy stuck at B = 1 after an unlucky sweep).
+            explorations = self.rounds // EXPLORE_EVERY
+            best = (max(self.sizes) if explorations % EXPLORE_MAX_EVERY == 1
+                    else min(b for b in self.sizes if b > best))
             reason = "explore"
         return Choice(best, batch_size, reason, tuple((b, round(r, 1)) for b, r in rates))
 
@@ -182,7 +188,7 @@ class RoundBlockSize:
         self.cycle_index = 0
         self.last_choice: Optional[Choice] = None
         self.last_log = 0.0
-        self.last_reason = None
+        self.last_logged = None
 
     def begin_round(self, batch_size: int) -> int:
         if self.cycle is not None:
@@ -195,9 +201,12 @@ class RoundBlockSize:
             choice = self.policy.choose(batch_size)
         self.current = choice.block_size
         self.last_choice = choice
-        # Logged: the sweep, every change of reason, and a policy choice every 10 s.
-        if choice.reason == "sweep" or choice.reason != self.last_reason or (choice.rates and time.monotonic() - self.last_log >= 10.0):
-            self.last_log, self.last_reason = time.monotonic(), choice.reason
+        # Logged: the sweep, a policy choice that changes B, and one every 10 s (not explorations).
+        changed = choice.reason == "policy" and choice.block_size != self.last_logged
+        if choice.reason == "sweep" or changed or (
+                choice.reason == "policy" and time.monotonic() - self.last_log >= 10.0):
+            self.last_log = time.monotonic()
+            self.last_logged = choice.block_size if choice.reason == "policy" else self.last_logged
             logger.info("[nemodiff] block size %d for batch %d (%s)%s", choice.block_size, batch_size,
                         choice.reason, f"; expected tok/s by B: {dict(choice.rates)}" if choice.rates else "")
         return self.current
