@@ -184,7 +184,6 @@ class RoundBlockSize:
         self.fixed = max_block if (mode != "linearspec" or settings.block_size != "auto") else None
         self.cycle = tuple(settings.block_size_cycle) if settings.block_size_cycle else None
         self.policy = BlockSizePolicy(max_block, BLOCK_SIZES)
-        self.current = max_block
         self.cycle_index = 0
         self.last_choice: Optional[Choice] = None
         self.last_log = 0.0
@@ -199,7 +198,6 @@ class RoundBlockSize:
             choice = Choice(self.fixed, batch_size, "fixed")
         else:
             choice = self.policy.choose(batch_size)
-        self.current = choice.block_size
         self.last_choice = choice
         # Logged: the sweep, a policy choice that changes B, and one every 10 s (not explorations).
         changed = choice.reason == "policy" and choice.block_size != self.last_logged
@@ -209,7 +207,7 @@ class RoundBlockSize:
             self.last_logged = choice.block_size if choice.reason == "policy" else self.last_logged
             logger.info("[nemodiff] block size %d for batch %d (%s)%s", choice.block_size, batch_size,
                         choice.reason, f"; expected tok/s by B: {dict(choice.rates)}" if choice.rates else "")
-        return self.current
+        return choice.block_size
 
 
 _STATE: Optional[RoundBlockSize] = None

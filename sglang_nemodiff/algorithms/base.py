@@ -30,7 +30,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
 from sglang_nemodiff import block_policy, kernels
 from sglang_nemodiff.algorithms import emits_first_token
-from sglang_nemodiff.algorithms.grammar import next_token_allowed
+from sglang_nemodiff.algorithms.grammar import mask_next_slot
 from sglang_nemodiff.algorithms.sampling import BatchSampling, sample_from
 from sglang_nemodiff.config import ARCHITECTURE
 from sglang_nemodiff.settings import AlgorithmSettings
@@ -145,9 +145,7 @@ class NLDBlockAlgorithm(DllmAlgorithm):
                 return None, [], None, None, False
             out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
             logits = sampling.adjust(out.logits_output.next_token_logits.unsqueeze(1))
-            for row in sampling.grammar_rows:
-                allowed = next_token_allowed(sampling.grammars[row], logits.shape[-1], logits.device)
-                logits[row, 0] = logits[row, 0].masked_fill(~allowed, float("-inf"))
+            mask_next_slot(logits, sampling, 0)
             seeds = self.next_tokens(logits, sampling, stream=0)
             for row in sampling.grammar_rows:
                 if emits_first_token(self.round_reqs[row]):

@@ -16,7 +16,7 @@ import torch
 
 from sglang_nemodiff import kernels
 from sglang_nemodiff.algorithms.base import BlockFill, NLDBlockAlgorithm, masked_confidence_argmax
-from sglang_nemodiff.algorithms.grammar import next_token_allowed
+from sglang_nemodiff.algorithms.grammar import mask_next_slot, next_token_allowed
 from sglang_nemodiff.algorithms.sampling import sample_from
 
 SEED_STREAM = 1 << 20  # the refresh pass's draw; denoise step s uses stream s
@@ -107,11 +107,7 @@ class NemodiffFastDiffuser(NLDBlockAlgorithm):
     def accept(self, block, verify, sampling, fill):
         keep = torch.full((block.shape[0],), self.block_size, device=block.device)
         last = verify[:, -1:].float()
-        for row in sampling.grammar_rows:
-            grammar = sampling.grammars[row]
-            if not grammar.is_terminated():
-                allowed = next_token_allowed(grammar, last.shape[-1], last.device)
-                last[row, 0] = last[row, 0].masked_fill(~allowed, float("-inf"))
+        mask_next_slot(last, sampling, 0)
         bonus = self.next_tokens(last, sampling, SEED_STREAM)[:, 0]
         for row in sampling.grammar_rows:
             if not sampling.grammars[row].is_terminated():

@@ -38,6 +38,16 @@ def next_token_allowed(grammar, vocab_size: int, device) -> torch.Tensor:
     return bitmask_to_allowed(bitmask, vocab_size)[0].to(device)
 
 
+def mask_next_slot(logits: torch.Tensor, sampling, slot: int) -> None:
+    """In place: logits [bs, n, V] at `slot`, for every row whose grammar is still running,
+    limited to the tokens its matcher allows next (an AR step's mask)."""
+    for row in sampling.grammar_rows:
+        grammar = sampling.grammars[row]
+        if not grammar.is_terminated():
+            allowed = next_token_allowed(grammar, logits.shape[-1], logits.device)
+            logits[row, slot] = logits[row, slot].masked_fill(~allowed, float("-inf"))
+
+
 def draft_under_grammar(grammar, draft_logits: torch.Tensor,
                         choose: Callable[[torch.Tensor, int], tuple]):
     """Choose K drafts left to right under the grammar, advancing its matcher.

@@ -16,7 +16,7 @@ import torch
 
 from sglang_nemodiff import kernels
 from sglang_nemodiff.algorithms.base import BlockFill, NLDBlockAlgorithm, masked_confidence_argmax
-from sglang_nemodiff.algorithms.grammar import draft_under_grammar, next_token_allowed, settle
+from sglang_nemodiff.algorithms.grammar import draft_under_grammar, mask_next_slot, settle
 from sglang_nemodiff.algorithms.sampling import filtered_probs, sample_from
 
 DRAFT_STREAM, ACCEPT_STREAM = 1, 2  # random streams of one round (seeded requests)
@@ -105,9 +105,7 @@ class NemodiffLinearSpec(NLDBlockAlgorithm):
     def _accept_ar_step(self, logits, sampling, fill):
         """B = 1: the token is the verify slot's, exactly an AR step (argmax or a sample, under
         the grammar's mask)."""
-        for row in sampling.grammar_rows:
-            allowed = next_token_allowed(sampling.grammars[row], logits.shape[-1], logits.device)
-            logits[row, 0] = logits[row, 0].masked_fill(~allowed, float("-inf"))
+        mask_next_slot(logits, sampling, 0)
         fill.verify_logits = logits
         bonus = self.next_tokens(logits, sampling, ACCEPT_STREAM)[:, 0]
         for row in sampling.grammar_rows:

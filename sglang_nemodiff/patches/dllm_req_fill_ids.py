@@ -49,7 +49,6 @@ def _decide(dllm_config) -> int:
               and r.dllm_initialized and len(r.full_untruncated_fill_ids) > r.dllm_block_offset}
     if staged:
         block_size = max(staged)
-        round_state.current = block_size
     else:
         # The decode batch this step forms: every queued request that has its first token.
         batch = min(max(sum(bool(r.output_ids) for r in queued), 1), dllm_config.max_running_requests)
@@ -81,9 +80,6 @@ def init_fill_ids_for_dllm(original, req):
         return original(req)
     if _Step.block_size is None:
         _Step.block_size = _decide(req.dllm_config)
-        from sglang_nemodiff.block_policy import state
-
-        state().current = _Step.block_size
     committed = req.origin_input_ids + req.output_ids
     req.dllm_block_offset = len(committed) - 1
     req.full_untruncated_fill_ids = committed + array("q", [req.dllm_config.mask_id] * (_Step.block_size - 1))

@@ -10,6 +10,8 @@ once. AR mode keeps the stock function (its output is the accuracy reference).""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
@@ -18,6 +20,7 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 TARGETS = ("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend",)
 
 
+@functools.lru_cache(maxsize=1)  # one server per process: its algorithm never changes
 def _diffusion_server() -> bool:
     try:
         from sglang.srt.runtime_context import get_exec
