@@ -200,3 +200,32 @@ def test_torch_native_extend_without_padding_equals_stock(causal):
     assert torch.allclose(ours, stock, atol=1e-5)
     if causal:  # and the mask matters: without it the rows differ
         assert not torch.allclose(sdpa_extend(query, torch.zeros_like(query), *args, scaling=0.3), stock, atol=1e-3)
+
+
+def test_penalizers_apply_in_one_fixed_order():
+    """SGLang builds the penalizer orchestrator from a set of classes (order = their hashes, which
+    differ per process); patches/penalizer_order.py sorts them so that the additive penalties come
+    before the repetition penalty in every process. A scrambled set comes out in the fixed order,
+    and the order matters: frequency then repetition differs from repetition then frequency."""
+    import random
+
+    import torch
+
+    import sglang.srt.sampling.penaltylib as penaltylib
+    from sglang.srt.sampling.penaltylib.orchestrator import BatchedPenalizerOrchestrator
+    from sglang_nemodiff.patches import penalizer_order
+
+    classes = [penaltylib.BatchedRepetitionPenalizer, penaltylib.BatchedMinNewTokensPenalizer,
+               penaltylib.BatchedPresencePenalizer, penaltylib.BatchedFrequencyPenalizer]
+    class Batch:  # what the orchestrator reads of a ScheduleBatch (weakly referenced)
+        reqs, device = [], "cpu"
+
+    batch = Batch()
+    for seed in range(4):
+        random.Random(seed).shuffle(classes)
+        orchestrator = BatchedPenalizerOrchestrator.__new__(BatchedPenalizerOrchestrator)
+        penalizer_order.orchestrator_init(BatchedPenalizerOrchestrator.__init__, orchestrator,
+                                          vocab_size=8, batch=batch, penalizers=list(classes))
+        assert [c.__name__ for c in orchestrator.penalizers] == list(penalizer_order.ORDER)
+    logit, frequency, repetition = torch.tensor(2.9), 0.3, 1.1
+    assert float((logit - frequency) / repetition) != pytest.approx(float(logit / repetition - frequency))

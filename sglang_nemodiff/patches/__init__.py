@@ -26,6 +26,7 @@ MODULES = (
     "dllm_kv_pressure",
     "dllm_grammar_queue",
     "request_validation",
+    "penalizer_order",
     "cuda_graph_guard",
     "output_stats",
     "attention_backend_registry",
