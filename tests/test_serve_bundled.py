@@ -84,3 +84,24 @@ def test_use_lora_false_and_lora_path_settings(server_pool, bundled_prompts, ran
         responses = generate_many(server, bundled_prompts, MAX_NEW)
         assert [meta(r, "nemodiff_forwards") for r in responses] == [e.forwards for e in expected], config
         assert [r["output_ids"] for r in responses] == [e.tokens for e in expected]
+
+
+FDFO_TEXTS = ["def parse_args(argv):\n    parser = argparse.ArgumentParser()\n    parser.add_argument(",
+              "import os\nimport sys\n\n", "class Config:\n    def __init__(self, path):\n        self.",
+              "for i in range(10):\n    print(i * i)\n" * 3, "x = 1\n", "def main():\n"]
+
+
+def test_fastdiffuser_first_done_first_out(server_pool, bundled_reference):
+    """Concurrent FastDiffuser requests whose blocks resolve after different numbers of denoise
+    steps (EOS early, or several tokens per step): each is forwarded, and charged, only until its
+    own block resolves, so its served forwards equal the single-request reference's."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path())
+    prompts = [tokenizer(text).input_ids for text in FDFO_TEXTS]
+    expected = [fastdiffuser_generate(bundled_reference, ids, 64, eos_id=11) for ids in prompts]
+    served = generate_many(server_pool.get(bundled_model_path(), "fastdiffuser"), prompts, 64)
+    assert [r["output_ids"] for r in served] == [e.tokens for e in expected]
+    forwards = [meta(r, "nemodiff_forwards") for r in served]
+    assert forwards == [e.forwards for e in expected]
+    assert len(set(forwards)) > 2, forwards  # the premise: the blocks resolve at different steps

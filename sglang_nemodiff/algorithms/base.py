@@ -69,7 +69,8 @@ def set_first_token_logprobs(logits_output, logprobs: list, sampling: BatchSampl
 class BlockFill:
     """What a mode's bidirectional passes produced for the block."""
 
-    forwards: int
+    forwards: int  # bidirectional passes run
+    row_forwards: Optional[List[int]] = None  # those each request took part in (default: all)
     sampled_rows: Optional[torch.Tensor] = None  # rows that sampled (temperature > 0)
     draft_probs: Optional[torch.Tensor] = None  # LinearSpec: q of those rows' drafts [r, B-1, V]
     commit_logits: Optional[torch.Tensor] = None  # FastDiffuser: logits that committed each slot
@@ -179,7 +180,8 @@ class NLDBlockAlgorithm(DllmAlgorithm):
             emitted.scatter_(1, (keep - 1)[:, None], bonus[:, None])
             logprobs = sampling.token_logprobs(self.emission_logits(verify, sampling, block, fill),
                                                emitted, keep_list)
-        results = [RoundResult(forwards=fill.forwards + 1, tokens=keep_list[i], keep=keep_list[i],
+        row_forwards = fill.row_forwards or [fill.forwards] * bs
+        results = [RoundResult(forwards=row_forwards[i] + 1, tokens=keep_list[i], keep=keep_list[i],
                                accepted=accepted_list[i], block_size=block_size,
                                logprobs=logprobs[i])
                    for i in range(bs)]

@@ -17,6 +17,7 @@ import torch
 from sglang_nemodiff import kernels
 from sglang_nemodiff.algorithms.base import BlockFill, NLDBlockAlgorithm, masked_confidence_argmax
 from sglang_nemodiff.algorithms.grammar import mask_next_slot, next_token_allowed
+from sglang_nemodiff.algorithms.rows import can_subset, row_subset
 from sglang_nemodiff.algorithms.sampling import sample_from
 
 SEED_STREAM = 1 << 20  # the refresh pass's draw; denoise step s uses stream s
@@ -46,36 +47,54 @@ class NemodiffFastDiffuser(NLDBlockAlgorithm):
         return x0, confidence
 
     def fill_block(self, model_runner, forward_batch, block, sampling):
-        positions = torch.arange(self.block_size, device=block.device)
+        bs, B = block.shape
+        positions = torch.arange(B, device=block.device)
         masked = block == self.mask_id
         masked[:, 0] = False  # the seed is committed
-        forwards = 0
+        steps = torch.zeros(bs, dtype=torch.int64, device=block.device)  # forwards per row
         commit_logits = None  # logprobs: the logits of the pass that committed each position
+        subset_ok = can_subset(forward_batch)
+        step = 0
         while bool(masked.any()):  # one host sync per step, like the stock dLLM loop
-            out = self.forward_pass(model_runner, forward_batch, causal=False)
-            logits = out.logits_output.full_logits.view(*block.shape, -1)
-            x0, confidence = self._x0(logits, sampling, forwards)
-            forwards += 1
+            # First done, first out: only the rows still denoising are forwarded (rows.py).
+            rows = masked.any(1).nonzero().squeeze(1)
+            if len(rows) == bs or not subset_ok:
+                rows = torch.arange(bs, device=block.device)
+                out = self.forward_pass(model_runner, forward_batch, causal=False)
+                params = sampling
+            else:
+                out = self.forward_pass(model_runner, row_subset(forward_batch, rows, block), causal=False)
+                params = sampling.select(rows)
+            logits = out.logits_output.full_logits.view(len(rows), B, -1)
+            x0_rows, confidence_rows = self._x0(logits, params, step)
+            x0, confidence = block.clone(), torch.zeros(bs, B, device=block.device)
+            x0[rows], confidence[rows] = x0_rows, confidence_rows.float()
+            steps[rows] += 1
+            step += 1
             # Masked positions with confidence >= threshold, plus the most confident one.
             commit = kernels.fastdiffuser_commit(confidence, masked, self.threshold)
+            row_of = {row: k for k, row in enumerate(rows.tolist())}
             for row in sampling.grammar_rows:
-                self._commit_under_grammar(row, logits, masked, commit, x0, sampling, forwards)
+                if row in row_of:
+                    self._commit_under_grammar(row, logits[row_of[row]], masked, commit, x0, sampling, step)
             block.copy_(torch.where(commit, x0, block))
             if sampling.wants_logprobs:
-                commit_logits = torch.where(commit.unsqueeze(-1), logits.float(),
-                                            logits.float() if commit_logits is None else commit_logits)
+                if commit_logits is None:
+                    commit_logits = torch.zeros(bs, B, logits.shape[-1], device=logits.device)
+                commit_logits[rows] = torch.where(commit[rows].unsqueeze(-1), logits.float(),
+                                                  commit_logits[rows])
             masked &= ~commit
             if self.eos_id is not None:
                 # EOS freeze: a committed EOS with no mask to its left ends the block with EOS.
                 is_eos = (block == self.eos_id) & ~masked & (positions > 0)
-                first_eos = torch.where(is_eos, positions, self.block_size).min(1, keepdim=True).values
+                first_eos = torch.where(is_eos, positions, B).min(1, keepdim=True).values
                 masks_before = (masked & (positions < first_eos)).any(1, keepdim=True)
-                frozen = (first_eos < self.block_size) & ~masks_before
+                frozen = (first_eos < B) & ~masks_before
                 block.copy_(torch.where(frozen & (positions > first_eos), self.eos_id, block))
                 masked &= ~frozen
-        return BlockFill(forwards=forwards, commit_logits=commit_logits)
+        return BlockFill(forwards=step, row_forwards=steps.tolist(), commit_logits=commit_logits)
 
-    def _commit_under_grammar(self, row, logits, masked, commit, x0, sampling, step):
+    def _commit_under_grammar(self, row, row_logits, masked, commit, x0, sampling, step):
         """A request with a grammar commits left to right, one token per step, under the
         matcher's mask (a grammar can only follow a left-to-right order)."""
         commit[row] = False
@@ -91,11 +110,11 @@ class NemodiffFastDiffuser(NLDBlockAlgorithm):
             commit[row, pending[:, 0]] = True
             return
         pos = int(pending[0])
-        allowed = next_token_allowed(grammar, logits.shape[-1], logits.device)
+        allowed = next_token_allowed(grammar, row_logits.shape[-1], row_logits.device)
         allowed[self.mask_id] = False
-        row_logits = logits[row, pos : pos + 1].float().masked_fill(~allowed, float("-inf"))
-        params = sampling.select(torch.tensor([row], device=logits.device))
-        token = int(self.next_tokens(row_logits[None], params, stream=step)[0, 0])
+        slot_logits = row_logits[pos : pos + 1].float().masked_fill(~allowed, float("-inf"))
+        params = sampling.select(torch.tensor([row], device=row_logits.device))
+        token = int(self.next_tokens(slot_logits[None], params, stream=step)[0, 0])
         x0[row, pos] = token
         commit[row, pos] = True
         grammar.accept_token(token)

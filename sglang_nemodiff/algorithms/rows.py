@@ -1,0 +1,69 @@
+"""Forward some rows of a block batch: FastDiffuser's first-done-first-out denoising.
+
+A FastDiffuser block resolves after as many denoise steps as its own tokens need; without this,
+every request of a batch is forwarded (and charged) until the batch's slowest block resolves.
+`row_subset` builds a ForwardBatch of the rows still denoising, so a resolved request stops
+costing compute while the others go on, and each request is charged its own forwards.
+
+Why not SGLang's own FDFO loop (`--dllm-fdfo`, one denoise forward per scheduler step, resolved
+blocks committed at once and new requests joining)? Its commit path assumes a block's KV is final
+when it resolves; an NLD block is then re-encoded by one causal pass (the KV kept, the next seed),
+which needs another attention mode than the denoise passes of the rows still running. So the
+batch's rows leave the denoise loop one by one inside the round, and rejoin for the causal pass.
+
+Only the fields a block (DLLM_EXTEND) forward reads are sliced: per-token tensors (input ids,
+positions, KV locations), per-request tensors and lists, and the sums derived from them. Batches
+whose token counts are coordinated across ranks (DP attention, two-batch overlap) are forwarded
+whole (`can_subset`)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+_PER_REQUEST_TENSORS = ("req_pool_indices", "seq_lens", "seq_lens_cpu", "req_pool_indices_cpu",
+                        "orig_seq_lens", "extend_seq_lens", "extend_prefix_lens", "dllm_prompt_mask")
+_PER_TOKEN_TENSORS = ("input_ids", "positions", "out_cache_loc")
+_PER_REQUEST_LISTS = ("extend_prefix_lens_cpu", "extend_seq_lens_cpu", "extend_logprob_start_lens_cpu",
+                      "lora_ids", "rids", "top_logprobs_nums", "token_ids_logprobs", "mm_inputs")
+
+
+def can_subset(forward_batch: ForwardBatch) -> bool:
+    return (forward_batch.global_num_tokens_cpu is None and forward_batch.tbo_split_seq_index is None
+            and forward_batch.input_embeds is None and not any(forward_batch.mm_inputs or ()))
+
+
+def row_subset(forward_batch: ForwardBatch, rows: torch.Tensor, block: torch.Tensor) -> ForwardBatch:
+    """A ForwardBatch of `rows` (row indices) of a block batch whose every request extends by one
+    block of block.shape[1] tokens; its input ids are block[rows] (the blocks as filled so far)."""
+    bs, B = block.shape
+    sub = copy.copy(forward_batch)
+    sub.forward_metadata_ready = False  # the attention backend plans the smaller batch
+    n = len(rows)
+    token_index = (rows[:, None] * B + torch.arange(B, device=rows.device)).reshape(-1)
+    for name in _PER_TOKEN_TENSORS:
+        value: Optional[torch.Tensor] = getattr(forward_batch, name)
+        if value is not None:
+            setattr(sub, name, value[token_index.to(value.device)])
+    sub.input_ids = block[rows].reshape(-1)
+    for name in _PER_REQUEST_TENSORS:
+        value = getattr(forward_batch, name)
+        if value is not None:
+            setattr(sub, name, value[rows.to(value.device)])
+    index = rows.tolist()
+    for name in _PER_REQUEST_LISTS:
+        value = getattr(forward_batch, name)
+        if value is not None:
+            setattr(sub, name, [value[i] for i in index])
+    sub.batch_size = n
+    sub.extend_num_tokens = n * B
+    if forward_batch.extend_start_loc is not None:
+        sub.extend_start_loc = torch.arange(n, device=forward_batch.extend_start_loc.device,
+                                            dtype=forward_batch.extend_start_loc.dtype) * B
+    seq_lens_cpu = sub.seq_lens_cpu if sub.seq_lens_cpu is not None else sub.seq_lens.cpu()
+    sub.seq_lens_sum = int(seq_lens_cpu.sum())
+    return sub
