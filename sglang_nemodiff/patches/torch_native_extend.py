@@ -62,7 +62,7 @@ def sdpa_extend(query, output, k_cache, v_cache, req_to_token, req_pool_indices,
         if key.dtype != per_req_query.dtype:
             key, value = key.to(per_req_query.dtype), value.to(per_req_query.dtype)
         mask = None
-        if causal:
+        if causal and q_len > 1:  # one query (an AR step, B = 1) sees every key: no mask
             q_pos = torch.arange(prefix, prefix + q_len, device=query.device)
             mask = torch.arange(kv_len, device=query.device)[None, :] <= q_pos[:, None]
         out = scaled_dot_product_attention(per_req_query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0),
