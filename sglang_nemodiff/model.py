@@ -13,6 +13,7 @@ runs when `pass_options.draft_lora` is set.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -135,6 +136,21 @@ class NLDAttention(nn.Module):
         self.draft_lora_a: Optional[RowParallelLinear] = None  # set by load_draft_lora
         self.draft_lora_b: Optional[ReplicatedLinear] = None
         self.draft_lora_scale = 0.0
+        self.draft_o_proj: Optional[RowParallelLinear] = None  # o_proj + LoRA merged (merge_draft_lora)
+
+    def merge_draft_lora(self) -> None:
+        """Fold the draft LoRA into a second o_proj, W + scale * B @ A (this rank's shard: A is
+        split like W's input, B replicated), when the low-rank path is not much cheaper than a full
+        matmul: it then costs two matmuls and an add per layer for no saving (rank 128 on the
+        bundled model's 256-wide o_proj made its draft pass 22% dearer than the verify pass)."""
+        w = self.o_proj.weight
+        merged = w.float() + self.draft_lora_scale * (self.draft_lora_b.weight.float()
+                                                      @ self.draft_lora_a.weight.float())
+        draft = copy.copy(self.o_proj)  # same shard and TP group (a process group cannot be deep-copied)
+        draft._parameters = dict(draft._parameters)
+        draft.weight = nn.Parameter(merged.to(w.dtype), requires_grad=False)
+        self.draft_o_proj = draft
+        self.draft_lora_a = self.draft_lora_b = None
 
     def forward(self, positions, hidden_states, forward_batch: ForwardBatch):
         qkv, _ = self.qkv_proj(hidden_states)
@@ -148,8 +164,9 @@ class NLDAttention(nn.Module):
                  ).view(-1, self.q_size)
         attn = self.attn if self.pass_options.uses_causal_attention(forward_batch) else self.attn_bidir
         attn_out = attn(q, k, v, forward_batch)
-        out, _ = self.o_proj(attn_out)
-        if self.draft_lora_a is not None and self.pass_options.draft_lora:
+        draft = self.pass_options.draft_lora
+        out, _ = (self.draft_o_proj if draft and self.draft_o_proj is not None else self.o_proj)(attn_out)
+        if self.draft_lora_a is not None and draft:
             low_rank, _ = self.draft_lora_a(attn_out)
             delta, _ = self.draft_lora_b(low_rank)
             out = out + delta * self.draft_lora_scale
@@ -316,7 +333,12 @@ class NemotronLabsDiffusionModel(nn.Module):
             b = attn.draft_lora_b.weight
             b.weight_loader(b, tensors[f"{key}.lora_B.weight"].to(dtype))
             attn.draft_lora_scale = scale
-        logger.info("Loaded draft-only LoRA from %s (r=%d, alpha/r=%.1f)", lora_dir, rank, scale)
+            width_shard, hidden = attn.o_proj.weight.shape[1], attn.o_proj.weight.shape[0]
+            merge = self.quant_config is None and rank * (width_shard + hidden) >= width_shard * hidden // 4
+            if merge:
+                attn.merge_draft_lora()
+        logger.info("Loaded draft-only LoRA from %s (r=%d, alpha/r=%.1f%s)", lora_dir, rank, scale,
+                    ", merged into a draft o_proj" if merge else "")
 
 
 EntryClass = [NemotronLabsDiffusionModel]
