@@ -13,9 +13,10 @@ that maximises expected committed tokens per second:
   in between, extrapolated linearly beyond). The first rounds after start-up sweep every B once
   (logged) to fill it; every round refreshes it.
 - E[tokens | B] = 1 + sum_{k=1}^{B-1} P(accepted >= k): the acceptance is a prefix, so the
-  acceptance at a smaller B follows from the same statistics. P(accepted >= k) is counted over
-  the blocks that could have accepted k drafts (B > k), decayed per round so it follows the
-  traffic, with a weak optimistic prior so an untried large B gets tried.
+  acceptance at a smaller B follows from the same statistics. P(accepted >= k) is a product of
+  per-draft continuation rates over the blocks that reached each draft (`Acceptance`), decayed
+  per round so it follows the traffic, with a weak prior that carries the last measured rate on
+  to drafts no block has reached yet.
 - Every `EXPLORE_EVERY`-th round takes a larger B than the best (the next size up, every
   `EXPLORE_MAX_EVERY`-th time the largest), so acceptance at larger blocks stays measured.
 
@@ -78,33 +79,40 @@ class CostTable:
 
 @dataclass
 class Acceptance:
-    """Decayed counts of blocks that could accept k drafts, and of those that did."""
+    """Decayed counts, per draft k, of the blocks that reached it (could accept it: B - 1 >= k,
+    and accepted every draft before it) and of those that accepted it.
+
+    P(accepted >= k) is the product of the per-draft continuation rates (a product-limit
+    estimate): a block of B that accepted all its B - 1 drafts is censored there, not a failure,
+    and the rates of early drafts use every block while those of late drafts use the blocks
+    that got that far. A rate with little data leans on the one before it (the tail of a
+    LinearSpec block continues the way its middle did: long agreeing stretches or none), so an
+    untried large B is judged by the acceptance seen at smaller ones."""
 
     max_block: int
-    could: list = field(default_factory=list)  # index k: blocks with B - 1 >= k
-    did: list = field(default_factory=list)  # index k: of those, accepted >= k
+    reached: list = field(default_factory=list)  # index k: blocks that could accept draft k
+    did: list = field(default_factory=list)  # index k: of those, accepted it
 
     def __post_init__(self):
-        self.could = [0.0] * self.max_block
+        self.reached = [0.0] * self.max_block
         self.did = [0.0] * self.max_block
 
     def observe(self, block_size: int, accepted: Sequence[int]) -> None:
         for k in range(1, self.max_block):
-            self.could[k] *= DECAY
+            self.reached[k] *= DECAY
             self.did[k] *= DECAY
         for a in accepted:
-            for k in range(1, block_size):
-                self.could[k] += 1
+            for k in range(1, min(a + 1, block_size - 1) + 1):  # drafts 1 .. a+1 were reached
+                self.reached[k] += 1
                 self.did[k] += a >= k
 
     def at_least(self) -> list:
         """P(accepted >= k) for k = 0 .. max_block-1, non-increasing in k."""
-        probs, last = [1.0], 1.0
+        probs, p, rate = [1.0], 1.0, PRIOR_RATE
         for k in range(1, self.max_block):
-            prior = PRIOR_RATE ** k
-            p = (self.did[k] + PRIOR_WEIGHT * prior) / (self.could[k] + PRIOR_WEIGHT)
-            last = min(last, p)
-            probs.append(last)
+            rate = (self.did[k] + PRIOR_WEIGHT * rate) / (self.reached[k] + PRIOR_WEIGHT)
+            p *= rate
+            probs.append(p)
         return probs
 
     def expected_tokens(self, block_size: int) -> float:

@@ -57,6 +57,19 @@ def test_acceptance_is_a_prefix_statistic():
     assert e == sorted(e) and e[-1] <= 32
 
 
+def test_acceptance_of_fully_accepted_blocks_carries_to_larger_blocks():
+    """Blocks of 16 that accept all 15 drafts are censored there, not failures: the continuation
+    rate they show carries on, so a 32-token block is expected to commit more (product-limit
+    estimate). Blocks that stop early keep larger blocks unattractive."""
+    full, stopping = Acceptance(32), Acceptance(32)
+    for _ in range(50):
+        full.observe(16, [15])
+        stopping.observe(16, [2])
+    assert full.at_least()[24] > 0.8 and full.expected_tokens(32) > 1.5 * full.expected_tokens(16)
+    assert stopping.at_least()[4] < 0.05
+    assert stopping.expected_tokens(32) < stopping.expected_tokens(16) + 0.1
+
+
 def test_cost_table_interpolates_and_extrapolates():
     t = CostTable()
     t.observe(1, 1.0)
