@@ -26,7 +26,8 @@ import torch
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
 _PER_REQUEST_TENSORS = ("req_pool_indices", "seq_lens", "seq_lens_cpu", "req_pool_indices_cpu",
-                        "orig_seq_lens", "extend_seq_lens", "extend_prefix_lens", "dllm_prompt_mask")
+                        "orig_seq_lens", "extend_seq_lens", "extend_prefix_lens", "dllm_prompt_mask",
+                        "rids_int", "temperature", "top_p")
 _PER_TOKEN_TENSORS = ("input_ids", "positions", "out_cache_loc")
 _PER_REQUEST_LISTS = ("extend_prefix_lens_cpu", "extend_seq_lens_cpu", "extend_logprob_start_lens_cpu",
                       "lora_ids", "rids", "top_logprobs_nums", "token_ids_logprobs", "mm_inputs")
@@ -52,8 +53,10 @@ def row_subset(forward_batch: ForwardBatch, rows: torch.Tensor, block: torch.Ten
     sub.input_ids = block[rows].reshape(-1)
     for name in _PER_REQUEST_TENSORS:
         value = getattr(forward_batch, name)
-        if value is not None:
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == bs:
             setattr(sub, name, value[rows.to(value.device)])
+    if forward_batch.mrope_positions is not None:  # [3, tokens]
+        sub.mrope_positions = forward_batch.mrope_positions[:, token_index.to(forward_batch.mrope_positions.device)]
     index = rows.tolist()
     for name in _PER_REQUEST_LISTS:
         value = getattr(forward_batch, name)
@@ -61,6 +64,8 @@ def row_subset(forward_batch: ForwardBatch, rows: torch.Tensor, block: torch.Ten
             setattr(sub, name, [value[i] for i in index])
     sub.batch_size = n
     sub.extend_num_tokens = n * B
+    if forward_batch.num_token_non_padded is not None:
+        sub.num_token_non_padded = torch.full_like(forward_batch.num_token_non_padded, n * B)
     if forward_batch.extend_start_loc is not None:
         sub.extend_start_loc = torch.arange(n, device=forward_batch.extend_start_loc.device,
                                             dtype=forward_batch.extend_start_loc.dtype) * B
