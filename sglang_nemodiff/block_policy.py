@@ -17,8 +17,7 @@ that maximises expected committed tokens per second:
   per-draft continuation rates over the blocks that reached each draft (`Acceptance`), decayed
   per round so it follows the traffic, with a weak prior that carries the last measured rate on
   to drafts no block has reached yet.
-- Every `EXPLORE_EVERY`-th round takes a larger B than the best (the largest whose round costs at
-  most `EXPLORE_BUDGET` times the chosen one's, at least the next size up; every
+- Every `EXPLORE_EVERY`-th round takes a larger B than the best (the next size up, every
   `EXPLORE_MAX_EVERY`-th time the largest), so acceptance at larger blocks stays measured.
 
 One policy per scheduler process. Under tensor parallelism every rank must run the same B: rank 0
@@ -37,7 +36,6 @@ logger = logging.getLogger("sglang_nemodiff")
 
 EXPLORE_EVERY = 32
 EXPLORE_MAX_EVERY = 4
-EXPLORE_BUDGET = 3.0  # an exploration round costs at most this many of the chosen round's time
 DECAY = 0.995  # per round, acceptance statistics
 COST_EMA = 0.2  # weight of a new timing in its bucket
 PRIOR_WEIGHT, PRIOR_RATE = 1.0, 0.8  # pseudo-blocks accepting each next draft with this rate
@@ -144,14 +142,11 @@ class BlockSizePolicy:
     def passes(block_size: int) -> int:
         return 1 if block_size == 1 else 2
 
-    def round_seconds(self, batch_size: int, block_size: int) -> float:
-        return self.passes(block_size) * self.cost.cost(batch_size * block_size) + self.overhead_s
-
     def rates(self, batch_size: int) -> list:
         """(B, expected committed tokens per second) for every candidate B."""
         out = []
         for b in self.sizes:
-            seconds = self.round_seconds(batch_size, b)
+            seconds = self.passes(b) * self.cost.cost(batch_size * b) + self.overhead_s
             out.append((b, batch_size * self.acceptance.expected_tokens(b) / max(seconds, 1e-9)))
         return out
 
@@ -168,18 +163,9 @@ class BlockSizePolicy:
             # Keep the acceptance of larger blocks measured: usually the next size up; every
             # EXPLORE_MAX_EVERY-th exploration the largest block, which measures every k at once
             # (the next size up alone can leave a policy stuck at B = 1 after an unlucky sweep).
-            # Otherwise the largest block whose round costs at most EXPLORE_BUDGET times the best
-            # one's: where forwards are nearly flat in tokens (batch 1 on most devices) that is the
-            # largest block, so a policy that settled at B = 1 on a few unlucky blocks (a warm-up
-            # request) measures long acceptance again within EXPLORE_EVERY rounds.
             explorations = self.rounds // EXPLORE_EVERY
-            if explorations % EXPLORE_MAX_EVERY == 1:
-                best = max(self.sizes)
-            else:
-                budget = EXPLORE_BUDGET * self.round_seconds(batch_size, best)
-                larger = [b for b in self.sizes if b > best]
-                affordable = [b for b in larger if self.round_seconds(batch_size, b) <= budget]
-                best = max(affordable) if affordable else min(larger)
+            best = (max(self.sizes) if explorations % EXPLORE_MAX_EVERY == 1
+                    else min(b for b in self.sizes if b > best))
             reason = "explore"
         return Choice(best, batch_size, reason, tuple((b, round(r, 1)) for b, r in rates))
 

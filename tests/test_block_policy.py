@@ -113,16 +113,3 @@ def test_settings_block_size(tmp_path):
         (tmp_path / "bad.yaml").write_text(bad)
         with pytest.raises(ValueError, match="block_size"):
             load_settings(str(tmp_path / "bad.yaml"))
-
-
-def test_exploration_takes_the_largest_affordable_block():
-    """Nearly flat forwards (batch 1): a policy settled at B = 1 by pessimistic blocks explores
-    the largest block, not B = 2; with linear cost (large batches) it explores only the next size."""
-    flat = policy(lambda n: 0.01 * (1 + n / 256), [0, 0, 0, 0, 0, 0, 0, 0])
-    flat.rounds = EXPLORE_EVERY * 2 - 1  # the next choice is an exploration (not the every-4th largest)
-    choice = flat.choose(1)
-    assert choice.reason == "explore" and choice.block_size == 32
-    linear = policy(lambda n: 0.01 * n, [0, 0, 0, 0])
-    linear.rounds = EXPLORE_EVERY * 2 - 1
-    choice = linear.choose(32)
-    assert choice.reason == "explore" and choice.block_size == 2
