@@ -313,6 +313,9 @@ class NemotronLabsDiffusionModel(nn.Module):
         rank, scale = adapter["r"], adapter["lora_alpha"] / adapter["r"]
         tensors = load_file(os.path.join(lora_dir, "adapter_model.safetensors"))
         dtype = self.diffusion_head.weight.dtype
+        # Every layer's o_proj shard has the same shape: one decision for all of them.
+        hidden, width_shard = self.encoder.layers[0].self_attn.o_proj.weight.shape
+        merge = self.quant_config is None and rank * (width_shard + hidden) >= width_shard * hidden // 4
         for i, layer in enumerate(self.encoder.layers):
             attn = layer.self_attn
             key = f"base_model.model.encoder.layers.{i}.self_attn.o_proj"
@@ -333,8 +336,6 @@ class NemotronLabsDiffusionModel(nn.Module):
             b = attn.draft_lora_b.weight
             b.weight_loader(b, tensors[f"{key}.lora_B.weight"].to(dtype))
             attn.draft_lora_scale = scale
-            width_shard, hidden = attn.o_proj.weight.shape[1], attn.o_proj.weight.shape[0]
-            merge = self.quant_config is None and rank * (width_shard + hidden) >= width_shard * hidden // 4
             if merge:
                 attn.merge_draft_lora()
         logger.info("Loaded draft-only LoRA from %s (r=%d, alpha/r=%.1f%s)", lora_dir, rank, scale,
