@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-MODES = ("ar", "fastdiffuser", "linearspec")
+MODES = ("ar", "fastdiffuser", "fastdiffuser+lora", "linearspec")
+# "fastdiffuser+lora": FastDiffuser whose denoise passes use the draft adapter (`denoise_lora: true`)
+FASTDIFFUSER_LORA = "fastdiffuser+lora"
 SETS = ("continuation", "edit")
 
 
@@ -84,6 +86,8 @@ def run_reference(model_path, prompts_by_set, modes, args):
         "ar": lambda ids, n: ar_generate(model, ids, n, eos_id=eos),
         "fastdiffuser": lambda ids, n: fastdiffuser_generate(model, ids, n, eos_id=eos, block_size=block,
                                                              threshold=args.threshold),
+        FASTDIFFUSER_LORA: lambda ids, n: fastdiffuser_generate(model, ids, n, eos_id=eos, block_size=block,
+                                                                threshold=args.threshold, use_draft_lora=True),
         "linearspec": lambda ids, n: linearspec_generate(model, ids, n, eos_id=eos, block_size=block),
     }
     results = {}
@@ -129,7 +133,15 @@ def run_server(model_path, prompts_by_set, modes, args):
     results = {}
     for mode in modes:
         log_path = os.path.join(tempfile.gettempdir(), f"measure_{mode}_{os.getpid()}.log")
-        server = ManagedServer(model_path, mode, shlex.split(args.server_args), port=args.port or None,
+        server_args = shlex.split(args.server_args)
+        algorithm = mode
+        if mode == FASTDIFFUSER_LORA:
+            algorithm = "fastdiffuser"
+            config = os.path.join(tempfile.gettempdir(), f"measure_denoise_lora_{os.getpid()}.yaml")
+            with open(config, "w") as f:
+                f.write("denoise_lora: true\n")
+            server_args += ["--algorithm-config", config]
+        server = ManagedServer(model_path, algorithm, server_args, port=args.port or None,
                                log_path=log_path)
         print(f"  starting server: {shlex.join(server.cmd)} (log {log_path})", flush=True)
         with server:
@@ -183,6 +195,10 @@ def _fmt(x, digits=2):
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _pct(x):
+    return "" if x is None else f"{100 * x:.1f}%"
+
+
 def summarize(results, prompts_by_set, modes):
     rows = []
     for set_name, prompts in prompts_by_set.items():
@@ -198,10 +214,18 @@ def summarize(results, prompts_by_set, modes):
             if mode == "ar":
                 base_tpf, base_tps = tpf, tps
             accepts = [a for r in runs for a in r.accept_lengths]
-            same = None
+            same = agreement = not_more = None
             if mode == "linearspec" and base is not None:
                 flags = [r.tokens == b.tokens for r, b in zip(runs, base)]
                 same = f"{sum(flags)}/{len(flags)}"
+            if mode.startswith("fastdiffuser") and base is not None:
+                # Share of AR's tokens reproduced at the same position, and the prompts that spent
+                # no more forwards per token than AR (tokens/forward >= 1; the outputs differ in
+                # length, so raw forward counts do not compare).
+                agreement = (sum(sum(x == y for x, y in zip(r.tokens, b.tokens)) for r, b in zip(runs, base))
+                             / max(1, sum(len(b.tokens) for b in base)))
+                if forwards is not None:
+                    not_more = f"{sum(len(r.tokens) >= r.forwards for r in runs)}/{len(runs)}"
             rows.append({
                 "set": set_name, "mode": mode, "prompts": len(runs), "tokens": tokens,
                 "forwards": forwards, "tpf": tpf, "tps": tps,
@@ -209,6 +233,7 @@ def summarize(results, prompts_by_set, modes):
                 "tps_ratio": tps / base_tps if tps and base_tps else None,
                 "accept": sum(accepts) / len(accepts) if accepts else None,
                 "same": same, "inferred": any(r.forwards_inferred for r in runs),
+                "agreement": agreement, "not_more": not_more,
                 "per_prompt_same": ([r.tokens == b.tokens for r, b in zip(runs, base)]
                                     if mode == "linearspec" and base is not None else None),
             })
@@ -218,13 +243,16 @@ def summarize(results, prompts_by_set, modes):
 def markdown(rows, header_lines):
     out = list(header_lines)
     out += ["", "| set | mode | prompts | tokens | forwards | tokens/forward | tokens/s | TPF ÷ AR | tok/s ÷ AR "
-            "| mean accepted drafts/block | LinearSpec == AR |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| mean accepted drafts/block | LinearSpec == AR | FastDiffuser: AR tokens reproduced "
+            "| prompts with tokens/forward ≥ 1 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fw = "n/a" if r["forwards"] is None else f"{r['forwards']:.0f}" + ("*" if r["inferred"] else "")
         out.append(f"| {r['set']} | {r['mode']} | {r['prompts']} | {r['tokens']} | {fw} | {_fmt(r['tpf'])} | "
                    f"{_fmt(r['tps'], 1)} | {_fmt(r['tpf_ratio'])} | {_fmt(r['tps_ratio'])} | "
-                   f"{_fmt(r['accept'])} | {r['same'] or ''} |")
+                   f"{_fmt(r['accept'])} | {r['same'] or ''} | "
+                   f"{_pct(r['agreement'])} | "
+                   f"{r['not_more'] or ''} |")
     per = [r for r in rows if r["per_prompt_same"] is not None]
     if per:
         out += ["", "LinearSpec output == AR output, per prompt:"]

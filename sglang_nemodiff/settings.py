@@ -19,6 +19,10 @@ class AlgorithmSettings:
     threshold: float = 0.9
     use_lora: bool = True
     lora_path: str | None = None
+    # FastDiffuser: run its denoise passes with the draft adapter too (they are bidirectional
+    # passes over [seed, MASK...] blocks, like LinearSpec's draft). Off by default: a checkpoint's
+    # adapter is trained for LinearSpec drafts; the causal refresh pass never uses it.
+    denoise_lora: bool = False
     draft_sampling: str = "sample"
     # Testing/diagnosis: block sizes used in turn, one per round, instead of the policy's choice.
     block_size_cycle: tuple | None = None
@@ -42,6 +46,8 @@ class AlgorithmSettings:
                 not settings.block_size_cycle
                 or any(not isinstance(b, int) or b < 1 for b in settings.block_size_cycle)):
             raise ValueError(f"{source}: block_size_cycle must be a list of integers >= 1")
+        if settings.denoise_lora and not settings.use_lora:
+            raise ValueError(f"{source}: denoise_lora needs the draft adapter (use_lora: true)")
         if not 0.0 < float(settings.threshold) <= 1.0:
             raise ValueError(f"{source}: threshold must be in (0, 1]")
         if settings.draft_sampling not in ("sample", "argmax"):

@@ -50,6 +50,10 @@ def test_settings_yaml(tmp_path):
     (tmp_path / "range.yaml").write_text("threshold: 1.5\n")
     with pytest.raises(ValueError, match="threshold"):
         load_settings(str(tmp_path / "range.yaml"))
+    assert AlgorithmSettings().denoise_lora is False  # FastDiffuser: base-weight denoising
+    assert AlgorithmSettings.from_mapping({"denoise_lora": True}).denoise_lora is True
+    with pytest.raises(ValueError, match="denoise_lora needs the draft adapter"):
+        AlgorithmSettings.from_mapping({"denoise_lora": True, "use_lora": False})
 
 
 def test_missing_hook_target_fails_with_one_clear_message():

@@ -1,6 +1,8 @@
 """FastDiffuser: denoise a block, committing per step the most confident masked position plus
 every masked position with confidence >= threshold; then one causal refresh pass keeps the whole
-block's KV and yields the next seed (see base.py).
+block's KV and yields the next seed (see base.py). With `denoise_lora: true` the denoise passes
+run with the draft adapter (a self-distilled one predicts the model's own greedy continuation, so
+it is confident at more positions per step); the refresh pass always uses the base weights.
 
 At temperature > 0 each step samples x0 at every masked position from the request's tempered,
 top-k/top-p/min-p-filtered distribution (mask token excluded) and uses that token's probability
@@ -30,6 +32,7 @@ class NemodiffFastDiffuser(NLDBlockAlgorithm):
     def __init__(self, config):
         super().__init__(config)
         self.threshold = float(self.settings.threshold)
+        self.denoise_lora = bool(self.settings.denoise_lora)
 
     def _x0(self, logits, sampling, step: int):
         x0, confidence = masked_confidence_argmax(logits, self.mask_id)
@@ -60,10 +63,12 @@ class NemodiffFastDiffuser(NLDBlockAlgorithm):
             rows = masked.any(1).nonzero().squeeze(1)
             if len(rows) == bs or not subset_ok:
                 rows = torch.arange(bs, device=block.device)
-                out = self.forward_pass(model_runner, forward_batch, causal=False)
+                out = self.forward_pass(model_runner, forward_batch, causal=False,
+                                        draft_lora=self.denoise_lora)
                 params = sampling
             else:
-                out = self.forward_pass(model_runner, row_subset(forward_batch, rows, block), causal=False)
+                out = self.forward_pass(model_runner, row_subset(forward_batch, rows, block),
+                                        causal=False, draft_lora=self.denoise_lora)
                 params = sampling.select(rows)
             logits = out.logits_output.full_logits.view(len(rows), B, -1)
             x0_rows, confidence_rows = self._x0(logits, params, step)

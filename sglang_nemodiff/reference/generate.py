@@ -67,7 +67,9 @@ def ar_generate(model: NLDReference, prompt: list[int], max_new_tokens: int,
 
 def fastdiffuser_generate(model: NLDReference, prompt: list[int], max_new_tokens: int,
                           eos_id: int | None = None, block_size: int = 32,
-                          threshold: float = 0.9) -> GenerationResult:
+                          threshold: float = 0.9, use_draft_lora: bool = False) -> GenerationResult:
+    """FastDiffuser; `use_draft_lora` runs the denoise passes with the draft adapter (the
+    server's `denoise_lora` setting), never the causal refresh pass."""
     mask_id = model.config.mask_token_id
     cache, seed = _prefill(model, prompt)
     tokens, forwards = [seed], 1
@@ -81,7 +83,7 @@ def fastdiffuser_generate(model: NLDReference, prompt: list[int], max_new_tokens
         masked = torch.ones(block_size, dtype=torch.bool, device=device)
         masked[0] = False
         while masked.any():
-            logits, _ = model(block, cache, causal=False)
+            logits, _ = model(block, cache, causal=False, use_draft_lora=use_draft_lora)
             forwards += 1
             x0, confidence = non_mask_argmax_and_prob(logits, mask_id)
             commit = masked & (confidence >= threshold)
