@@ -45,8 +45,9 @@ def tiny_checkpoint(tmp_path_factory):
                                    lora_rank=8)
 
 
-def bundled_with_random_lora(directory) -> str:
-    """A copy of the bundled model whose draft adapter is a random one (drafts change, AR does not)."""
+def bundled_with_random_lora(directory, rank: int = 8) -> str:
+    """A copy of the bundled model whose draft adapter is a random one (drafts change, AR does not).
+    Rank 8 stays a low-rank path in the server; rank >= 32 is merged into a draft o_proj."""
     import shutil
 
     from sglang_nemodiff.bundled import bundled_model_path
@@ -56,7 +57,7 @@ def bundled_with_random_lora(directory) -> str:
     path = os.path.join(str(directory), "nld-tiny-lora")
     shutil.copytree(bundled_model_path(), path)
     write_random_lora(os.path.join(path, "linear_spec_lora"), NLDReference.from_pretrained(path).config,
-                      rank=8, seed=7, scale=0.5)
+                      rank=rank, seed=7, scale=0.5)
     return path
 
 

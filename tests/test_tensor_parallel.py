@@ -5,6 +5,9 @@ its reference) and spend the oracle's forwards.
 The checkpoint is the bundled (trained) model with a random draft LoRA: its drafts get accepted, and
 the LoRA changes which, so LinearSpec's forward counts under TP check the LoRA's sharding (A is
 row-parallel over the attention output like o_proj, B replicated) and not only the verify pass.
+The FastDiffuser case denoises with the draft adapter (`denoise_lora: true`) of rank 32, which
+the server merges into each rank's draft o_proj shard (W_shard + scale * B @ A_shard): its tokens
+depend on the adapter, so a wrongly sharded merge cannot pass.
 One server at a time (a 2-rank server takes both cores), shared by the tests of its case."""
 
 import os
@@ -19,10 +22,13 @@ from sglang_nemodiff.reference import NLDReference, ar_generate, fastdiffuser_ge
 pytestmark = pytest.mark.slow
 MAX_NEW = 48
 
+DENOISE_LORA = ("--algorithm-config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "denoise_lora.yaml"))
+MERGED = "tp2-fastdiffuser"  # the case served from the rank-32 (merged) adapter, denoise_lora on
+
 CASES = {  # case: (mode, parallel flags); LinearSpec at the oracle's fixed 32-token blocks
     "tp2-ar": ("ar", ("--tp", "2")),
     "tp2-linearspec": ("linearspec", ("--tp", "2")),
-    "tp2-fastdiffuser": ("fastdiffuser", ("--tp", "2")),
+    MERGED: ("fastdiffuser", ("--tp", "2", *DENOISE_LORA)),
     "dp2-linearspec": ("linearspec", ("--dp", "2")),
     # block_size: auto (the default): rank 0's block size per round, broadcast to rank 1; AR's tokens
     "tp2-linearspec-auto": ("linearspec", ("--tp", "2")),
@@ -40,6 +46,11 @@ def lora_reference(lora_checkpoint):
 
 
 @pytest.fixture(scope="module")
+def merged_checkpoint(tmp_path_factory):
+    return bundled_with_random_lora(tmp_path_factory.mktemp("parallel-merged"), rank=32)
+
+
+@pytest.fixture(scope="module")
 def parallel_prompts():
     """Eight held-out code prompts (continuations and edits) on which the bundled model's drafts hit."""
     from transformers import AutoTokenizer
@@ -52,13 +63,18 @@ def parallel_prompts():
 
 
 @pytest.fixture(scope="module")
-def oracle(lora_reference, parallel_prompts):
-    """mode -> the oracle's GenerationResult per prompt (computed once, shared by the cases)."""
+def oracle(lora_reference, merged_checkpoint, parallel_prompts):
+    """mode -> the oracle's GenerationResult per prompt (computed once, shared by the cases);
+    "fastdiffuser-merged": FastDiffuser denoising with the rank-32 adapter."""
     results = {}
 
     def get(mode):
         if mode not in results:
-            if mode == "ar":
+            if mode == "fastdiffuser-merged":
+                merged = NLDReference.from_pretrained(merged_checkpoint)
+                fn = lambda ids: fastdiffuser_generate(merged, ids, MAX_NEW, eos_id=11,  # noqa: E731
+                                                       use_draft_lora=True)
+            elif mode == "ar":
                 fn = lambda ids: ar_generate(lora_reference, ids, MAX_NEW, eos_id=11)  # noqa: E731
             elif mode == "linearspec":
                 fn = lambda ids: linearspec_generate(lora_reference, ids, MAX_NEW, 11)  # noqa: E731
@@ -71,7 +87,7 @@ def oracle(lora_reference, parallel_prompts):
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def parallel_server(request, server_pool, lora_checkpoint, tmp_path_factory):
+def parallel_server(request, server_pool, lora_checkpoint, merged_checkpoint, tmp_path_factory):
     from sglang_nemodiff.servers import ManagedServer
 
     mode, flags = CASES[request.param]
@@ -80,7 +96,8 @@ def parallel_server(request, server_pool, lora_checkpoint, tmp_path_factory):
     env = {**os.environ, **SERVER_ENV, "SGLANG_CPU_OMP_THREADS_BIND": "0|1"}
     log = tmp_path_factory.mktemp("parallel-logs") / f"{request.param}.log"
     extra = BLOCK32 if mode == "linearspec" and not request.param.endswith("auto") else ()
-    server = ManagedServer(lora_checkpoint, mode, [*CPU_ARGS, *extra, *flags], log_path=str(log), env=env)
+    checkpoint = merged_checkpoint if request.param == MERGED else lora_checkpoint
+    server = ManagedServer(checkpoint, mode, [*CPU_ARGS, *extra, *flags], log_path=str(log), env=env)
     server.case = request.param
     with server:
         server.wait_ready(timeout=900)
@@ -93,7 +110,7 @@ def test_equals_the_oracle(parallel_server, parallel_prompts, oracle):
     acceptance). Forwards are compared one by one: a batched FastDiffuser block steps until every
     block of the batch is done, and each request counts the batch's steps."""
     mode = parallel_server.algorithm
-    expected = oracle(mode)
+    expected = oracle("fastdiffuser-merged" if parallel_server.case == MERGED else mode)
     tokens = [r.tokens for r in (oracle("ar") if mode == "linearspec" else expected)]
     together = generate_many(parallel_server, parallel_prompts, MAX_NEW)
     one_by_one = [generate(parallel_server, ids, MAX_NEW) for ids in parallel_prompts]
@@ -115,6 +132,10 @@ def test_draft_lora_matters_and_every_rank_serves(parallel_server, lora_referenc
         # Each rank runs the policy on its own timings; the rounds use rank 0's choice (ranks
         # running different block sizes could not finish a forward together).
         assert all(f"{rank}] [nemodiff] block size" in log for rank in ("TP0", "TP1"))
+    elif case == MERGED:
+        # the premise: each rank merged its shard of the adapter, and the adapter changes tokens
+        assert log.count("merged into a draft o_proj") == 2
+        assert [e.tokens for e in oracle("fastdiffuser-merged")] != [e.tokens for e in oracle("fastdiffuser")]
     elif mode == "linearspec":
         without = [linearspec_generate(lora_reference, ids, MAX_NEW, 11, use_draft_lora=False).forwards
                    for ids in parallel_prompts]
