@@ -1,7 +1,8 @@
 """Serve the bundled NLD model in each mode and show it answering (README's first command).
 
 For each of ar, fastdiffuser, linearspec: start stock `python -m sglang.launch_server
---algorithm MODE` on the bundled checkpoint, send the same prompts through /generate and the
+--algorithm MODE` on the bundled checkpoint (FastDiffuser with `denoise_lora: true`: its denoise
+passes use the bundled self-distilled draft adapter; `MODE@key=value` entries as in speedbench), send the same prompts through /generate and the
 OpenAI completions API, print the answers with tokens per forward, stop the server; then a table of
 each mode's tokens per forward and tokens/s relative to AR. Each server is fresh: LinearSpec's
 `block_size: auto` policy times every block size once during the first request and learns the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 
 import requests
@@ -18,6 +20,7 @@ import requests
 from sglang_nemodiff.bundled import bundled_model_path
 from sglang_nemodiff.servers import ManagedServer
 from sglang_nemodiff.speedbench import meta_scalar
+from sglang_nemodiff.speedbench.modes import parse_entries, write_algorithm_config
 
 # The bundled model writes standard-library-style Python and answers copy/edit requests in its chat
 # format; these greedy answers run to >= 48 tokens, LinearSpec output identical to AR.
@@ -34,15 +37,19 @@ PROMPTS = [
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-path", default=bundled_model_path())
-    parser.add_argument("--algorithms", default="ar,fastdiffuser,linearspec")
+    parser.add_argument("--algorithms", default="ar,fastdiffuser@denoise_lora=true,linearspec")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--port", type=int, default=30123)
     args = parser.parse_args()
     outputs, totals = {}, {}
-    for algorithm in args.algorithms.split(","):
-        server = ManagedServer(args.model_path, algorithm, ["--skip-server-warmup"], port=args.port,
-                               log_path=f"/tmp/nemodiff-demo-{algorithm}.log")
-        print(f"\n=== --algorithm {algorithm}: starting {' '.join(server.cmd)}", flush=True)
+    config_dir = tempfile.mkdtemp(prefix="nemodiff-demo-")
+    for entry in parse_entries(args.algorithms):
+        algorithm = entry.algorithm
+        config = write_algorithm_config(entry, config_dir)
+        server_args = ["--skip-server-warmup"] + (["--algorithm-config", config] if config else [])
+        server = ManagedServer(args.model_path, algorithm, server_args, port=args.port,
+                               log_path=f"/tmp/nemodiff-demo-{entry.file_stem}.log")
+        print(f"\n=== {entry.label}: starting {' '.join(server.cmd)}", flush=True)
         with server:
             server.wait_ready(timeout=900)
             tokens = forwards = seconds = 0.0
@@ -56,10 +63,10 @@ def main() -> int:
                 tpf = meta_scalar(info, "nemodiff_tokens_per_forward") or 1.0
                 tokens += info["completion_tokens"]
                 forwards += info["completion_tokens"] / tpf
-                outputs.setdefault(prompt, {})[algorithm] = response["output_ids"]
+                outputs.setdefault(prompt, {})[entry.algorithm] = response["output_ids"]
                 print(f"--- prompt {prompt!r}\n{response['text']}\n"
                       f"[{info['completion_tokens']} tokens, {tpf:.2f} tokens/forward]", flush=True)
-            totals[algorithm] = (tokens, forwards, seconds)
+            totals[entry.label] = (tokens, forwards, seconds)
             # The model writes code, it cannot chat: the OpenAI completions endpoint.
             completion = requests.post(server.url + "/v1/completions", timeout=600, json={
                 "model": "default", "temperature": 0, "max_tokens": 48,
@@ -72,7 +79,7 @@ def main() -> int:
         versus = f"{rate / ar_rate:.2f}x" if ar_rate else "n/a"
         print(f"| {algorithm} | {tokens:.0f} | {forwards:.0f} | {tokens / forwards:.2f} | {rate:.1f} | {versus} |")
     print("(one request at a time, greedy; wall clock of this machine, noisy on a shared CPU)")
-    if "ar" in args.algorithms and "linearspec" in args.algorithms:
+    if "ar" in totals and "linearspec" in totals:
         same = all(v["ar"] == v["linearspec"] for v in outputs.values())
         print(f"\nLinearSpec output identical to AR: {same}")
         return 0 if same else 1

@@ -588,11 +588,13 @@ downloading a real NLD checkpoint. It is a toy language model of Python source c
 Python code in the style of the standard library and answers copy/edit requests in the chat format
 with a fenced code block. Its text is Python-shaped but often repetitive or wrong; what it is good
 for is exercising the three generation modes on a CPU: LinearSpec's self-distilled draft makes it
-produce the same tokens as AR in fewer forwards.
+produce the same tokens as AR in fewer forwards, and FastDiffuser denoising with the same adapter
+(`denoise_lora: true`) fills several positions per pass.
 
 {arch}
 - Draft-only LoRA (`linear_spec_lora/`, PEFT layout): `o_proj` of every layer, rank {a.rank}, alpha
-  {a.alpha:g}; used by LinearSpec's draft pass only.
+  {a.alpha:g}; used by LinearSpec's draft pass and, with `denoise_lora: true`, by FastDiffuser's
+  denoise passes; never by a causal pass.
 
 ## Tokens per forward on the held-out sets
 
