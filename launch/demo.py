@@ -44,10 +44,9 @@ def main() -> int:
     outputs, totals = {}, {}
     config_dir = tempfile.mkdtemp(prefix="nemodiff-demo-")
     for entry in parse_entries(args.algorithms):
-        algorithm = entry.algorithm
         config = write_algorithm_config(entry, config_dir)
         server_args = ["--skip-server-warmup"] + (["--algorithm-config", config] if config else [])
-        server = ManagedServer(args.model_path, algorithm, server_args, port=args.port,
+        server = ManagedServer(args.model_path, entry.algorithm, server_args, port=args.port,
                                log_path=f"/tmp/nemodiff-demo-{entry.file_stem}.log")
         print(f"\n=== {entry.label}: starting {' '.join(server.cmd)}", flush=True)
         with server:

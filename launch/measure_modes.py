@@ -129,19 +129,18 @@ def run_server(model_path, prompts_by_set, modes, args):
     import requests
 
     from sglang_nemodiff.servers import ManagedServer
+    from sglang_nemodiff.speedbench.modes import parse_entry, write_algorithm_config
 
     results = {}
+    config_dir = tempfile.mkdtemp(prefix="measure-modes-")
     for mode in modes:
         log_path = os.path.join(tempfile.gettempdir(), f"measure_{mode}_{os.getpid()}.log")
         server_args = shlex.split(args.server_args)
-        algorithm = mode
-        if mode == FASTDIFFUSER_LORA:
-            algorithm = "fastdiffuser"
-            config = os.path.join(tempfile.gettempdir(), f"measure_denoise_lora_{os.getpid()}.yaml")
-            with open(config, "w") as f:
-                f.write("denoise_lora: true\n")
+        entry = parse_entry("fastdiffuser@denoise_lora=true" if mode == FASTDIFFUSER_LORA else mode)
+        config = write_algorithm_config(entry, config_dir)
+        if config:
             server_args += ["--algorithm-config", config]
-        server = ManagedServer(model_path, algorithm, server_args, port=args.port or None,
+        server = ManagedServer(model_path, entry.algorithm, server_args, port=args.port or None,
                                log_path=log_path)
         print(f"  starting server: {shlex.join(server.cmd)} (log {log_path})", flush=True)
         with server:

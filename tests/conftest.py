@@ -21,6 +21,7 @@ CPU_ARGS = (*SERVER_CPU_ARGS, "--skip-server-warmup", "--sleep-on-idle")
 # --algorithm-config (the default, `block_size: auto`, changes B between rounds: same tokens,
 # other forward counts).
 BLOCK32 = ("--algorithm-config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "block32.yaml"))
+DENOISE_LORA = ("--algorithm-config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "denoise_lora.yaml"))
 # A request's leaked KV slot turns into a hard error when the server is idle.
 SERVER_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1", "TOKENIZERS_PARALLELISM": "false"}
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import bundled_with_random_lora, generate_many, meta
+from conftest import DENOISE_LORA, bundled_with_random_lora, generate_many, meta
 from sglang_nemodiff.bundled import bundled_model_path
 from sglang_nemodiff.reference import (
     NLDReference,
@@ -32,10 +32,6 @@ def bundled_prompts():
 @pytest.fixture(scope="module")
 def bundled_reference():
     return NLDReference.from_pretrained(bundled_model_path())
-
-
-DENOISE_LORA = ("--algorithm-config", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                   "denoise_lora.yaml"))
 
 
 def test_bundled_serves_in_all_modes(server_pool, bundled_reference, bundled_prompts):

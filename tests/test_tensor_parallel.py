@@ -15,14 +15,13 @@ import os
 import pytest
 import requests
 
-from conftest import BLOCK32, CPU_ARGS, SERVER_ENV, bundled_with_random_lora, generate, generate_many, meta
+from conftest import BLOCK32, CPU_ARGS, DENOISE_LORA, SERVER_ENV, bundled_with_random_lora, generate, generate_many, meta
 from sglang_nemodiff.bundled import bundled_model_path
 from sglang_nemodiff.reference import NLDReference, ar_generate, fastdiffuser_generate, linearspec_generate
 
 pytestmark = pytest.mark.slow
 MAX_NEW = 48
 
-DENOISE_LORA = ("--algorithm-config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "denoise_lora.yaml"))
 MERGED = "tp2-fastdiffuser"  # the case served from the rank-32 (merged) adapter, denoise_lora on
 
 CASES = {  # case: (mode, parallel flags); LinearSpec at the oracle's fixed 32-token blocks
