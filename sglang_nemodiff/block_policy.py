@@ -6,12 +6,19 @@ commits 1 + min(accepted, B-1) tokens per request; B = 1 is AR itself: no draft 
 forward, one token. The policy picks, for the batch about to run, the B in {1, 2, 4, ..., max}
 that maximises expected committed tokens per second:
 
-    bs · E[tokens | B] / (passes(B) · cost(bs · B) + overhead)
+    bs · E[tokens | B] / (passes(B) · cost(bs · B) + overhead(bs))
 
 - cost(n): seconds of one forward of n query tokens, from a table of timed forwards on the
   serving device (an exponential moving average per power-of-two bucket of n, interpolated
-  in between, extrapolated linearly beyond). The first rounds after start-up sweep every B once
-  (logged) to fill it; every round refreshes it.
+  in between, extrapolated linearly beyond). The first rounds after start-up sweep every B
+  (logged) to fill it; every round refreshes it. A bucket's first timings take their minimum
+  (`WARM_TIMINGS`): the first forward of a new shape pays one-time allocation, and a cold
+  figure that stuck would keep that B unchosen, hence never re-timed.
+- overhead(bs): the seconds of a round outside its forwards: the scheduler's work between two
+  rounds of the same requests (batch assembly, KV allocation, the result path) plus the
+  algorithm's own, timed as the period between round starts minus the round's forwards, per
+  power-of-two bucket of bs. It is paid once per round whatever B, so it is what makes large
+  blocks pay at small batches and what AR-sized B = 1 rounds cannot amortise.
 - E[tokens | B] = 1 + sum_{k=1}^{B-1} P(accepted >= k): the acceptance is a prefix, so the
   acceptance at a smaller B follows from the same statistics. P(accepted >= k) is a product of
   per-draft continuation rates over the blocks that reached each draft (`Acceptance`), decayed
@@ -38,6 +45,7 @@ EXPLORE_EVERY = 32
 EXPLORE_MAX_EVERY = 4
 DECAY = 0.995  # per round, acceptance statistics
 COST_EMA = 0.2  # weight of a new timing in its bucket
+WARM_TIMINGS = 3  # a bucket's first timings: their minimum (one-time costs of a new shape)
 PRIOR_WEIGHT, PRIOR_RATE = 1.0, 0.8  # pseudo-blocks accepting each next draft with this rate
 
 
@@ -46,6 +54,7 @@ class CostTable:
     """Seconds per forward of n query tokens, by power-of-two bucket of n."""
 
     seconds: dict = field(default_factory=dict)  # bucket exponent -> EMA seconds
+    timings: dict = field(default_factory=dict)  # bucket exponent -> timings observed
 
     @staticmethod
     def bucket(n: int) -> int:
@@ -53,11 +62,18 @@ class CostTable:
 
     def observe(self, n: int, seconds: float) -> None:
         b = self.bucket(n)
-        old = self.seconds.get(b)
-        self.seconds[b] = seconds if old is None else (1 - COST_EMA) * old + COST_EMA * seconds
+        old, count = self.seconds.get(b), self.timings.get(b, 0)
+        if old is None:
+            self.seconds[b] = seconds
+        elif count < WARM_TIMINGS:
+            self.seconds[b] = min(old, seconds)
+        else:
+            self.seconds[b] = (1 - COST_EMA) * old + COST_EMA * seconds
+        self.timings[b] = count + 1
 
     def known(self, n: int) -> bool:
-        return self.bucket(n) in self.seconds
+        """Timed enough to be trusted (the start-up sweep repeats a B until it is)."""
+        return self.timings.get(self.bucket(n), 0) >= WARM_TIMINGS
 
     def cost(self, n: int) -> Optional[float]:
         """Interpolated in log2(n) between measured buckets, linear in n beyond them (the slope
@@ -127,26 +143,42 @@ class Choice:
     batch_size: int
     reason: str  # "policy" | "sweep" | "explore" | "fixed" | "cycle"
     rates: tuple = ()  # (B, expected tokens/s) per candidate
+    overhead_ms: Optional[float] = None  # the round overhead the rates assumed
+
+
+@dataclass
+class _Round:
+    """The round in progress, for the overhead measurement."""
+
+    started: float
+    requests: frozenset
+    batch_size: int
+    forward_seconds: float = 0.0
+    other_work: bool = False  # a prefill step ran before the next round (not a round's overhead)
 
 
 class BlockSizePolicy:
-    def __init__(self, max_block: int, sizes: Sequence[int], overhead_s: float = 0.0):
+    def __init__(self, max_block: int, sizes: Sequence[int]):
         self.max_block = max_block
         self.sizes = tuple(b for b in sizes if b <= max_block) or (max_block,)
         self.cost = CostTable()
+        self.overhead = CostTable()  # keyed by batch size: seconds per round outside forwards
         self.acceptance = Acceptance(max_block)
-        self.overhead_s = overhead_s  # per round, outside the forwards (EMA of measured)
         self.rounds = 0
+        self.current: Optional[_Round] = None
 
     @staticmethod
     def passes(block_size: int) -> int:
         return 1 if block_size == 1 else 2
 
+    def overhead_s(self, batch_size: int) -> float:
+        return self.overhead.cost(batch_size) or 0.0
+
     def rates(self, batch_size: int) -> list:
         """(B, expected committed tokens per second) for every candidate B."""
-        out = []
+        out, overhead = [], self.overhead_s(batch_size)
         for b in self.sizes:
-            seconds = self.passes(b) * self.cost.cost(batch_size * b) + self.overhead_s
+            seconds = self.passes(b) * self.cost.cost(batch_size * b) + overhead
             out.append((b, batch_size * self.acceptance.expected_tokens(b) / max(seconds, 1e-9)))
         return out
 
@@ -167,13 +199,30 @@ class BlockSizePolicy:
             best = (max(self.sizes) if explorations % EXPLORE_MAX_EVERY == 1
                     else min(b for b in self.sizes if b > best))
             reason = "explore"
-        return Choice(best, batch_size, reason, tuple((b, round(r, 1)) for b, r in rates))
+        return Choice(best, batch_size, reason, tuple((b, round(r, 1)) for b, r in rates),
+                      round(1e3 * self.overhead_s(batch_size), 2))
 
     def observe_forward(self, query_tokens: int, seconds: float) -> None:
         self.cost.observe(query_tokens, seconds)
+        if self.current is not None:
+            self.current.forward_seconds += seconds
 
-    def observe_overhead(self, seconds: float) -> None:
-        self.overhead_s = (1 - COST_EMA) * self.overhead_s + COST_EMA * max(seconds, 0.0)
+    def start_round(self, requests: frozenset, now: Optional[float] = None) -> None:
+        """A block round begins. If it continues requests of the previous round with no prefill
+        step in between, the time since that round began, less its forwards, was that round's
+        overhead. (Other gaps hold idle time or another request's prefill, not per-round work.)"""
+        now = time.perf_counter() if now is None else now
+        last = self.current
+        if last is not None and not last.other_work and last.requests & requests:
+            overhead = now - last.started - last.forward_seconds
+            if 0.0 <= overhead <= 4 * last.forward_seconds + 0.05:  # not a stall of the process
+                self.overhead.observe(last.batch_size, overhead)
+        self.current = _Round(now, requests, len(requests))
+
+    def other_work(self) -> None:
+        """A prefill step ran: the gap to the next round is not a round's overhead."""
+        if self.current is not None:
+            self.current.other_work = True
 
     def observe_round(self, block_size: int, accepted: Sequence[int]) -> None:
         if block_size > 1:
@@ -214,7 +263,8 @@ class RoundBlockSize:
             self.last_log = time.monotonic()
             self.last_logged = choice.block_size if choice.reason == "policy" else self.last_logged
             logger.info("[nemodiff] block size %d for batch %d (%s)%s", choice.block_size, batch_size,
-                        choice.reason, f"; expected tok/s by B: {dict(choice.rates)}" if choice.rates else "")
+                        choice.reason, f"; expected tok/s by B: {dict(choice.rates)}, round overhead "
+                        f"{choice.overhead_ms} ms" if choice.rates else "")
         return choice.block_size
 
 

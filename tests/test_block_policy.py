@@ -4,14 +4,15 @@ when forwards cost the same whatever their size, and follows the acceptance it o
 
 import pytest
 
-from sglang_nemodiff.block_policy import EXPLORE_EVERY, Acceptance, BlockSizePolicy, CostTable, RoundBlockSize
+from sglang_nemodiff.block_policy import EXPLORE_EVERY, WARM_TIMINGS, Acceptance, BlockSizePolicy, CostTable, RoundBlockSize
 from sglang_nemodiff.settings import BLOCK_SIZES, AlgorithmSettings, load_settings, max_block_size
 
 
 def policy(cost, accepted, rounds=200, max_block=32):
     p = BlockSizePolicy(max_block, BLOCK_SIZES)
     for n in (1, 2, 4, 8, 16, 32, 64, 128, 256):
-        p.observe_forward(n, cost(n))
+        for _ in range(WARM_TIMINGS):
+            p.observe_forward(n, cost(n))
     for _ in range(rounds):
         p.observe_round(max_block, accepted)
     p.rounds = 1  # not an exploration round
@@ -76,19 +77,67 @@ def test_cost_table_interpolates_and_extrapolates():
     t.observe(4, 2.0)
     assert t.cost(1) == 1.0 and t.cost(4) == 2.0 and t.cost(2) == pytest.approx(1.5)
     assert t.cost(8) == pytest.approx(2.0 + (2.0 - 1.0) / 3 * 4)  # the last slope, linear in n
-    t.observe(4, 4.0)  # refreshed online (moving average)
+    t.observe(4, 4.0)  # still warming up: a bucket's first timings keep their minimum
+    assert t.cost(4) == 2.0 and not t.known(4)
+    t.observe(4, 3.0)
+    assert t.known(4)
+    t.observe(4, 4.0)  # then refreshed online (moving average)
     assert 2.0 < t.cost(4) < 4.0
+
+
+def test_a_cold_first_timing_does_not_stick():
+    """The first forward of a shape pays one-time costs (allocation, a first kernel call): the
+    sweep repeats each B until it is timed warm, so a cold figure cannot keep B = 32 unchosen
+    (it would then never be re-timed). Here the first draft pass of each B > 1 is 20x slow,
+    as on CPU where causal shapes are warm from the prefills and the draft pass is not."""
+    p = BlockSizePolicy(32, BLOCK_SIZES)
+    seen = set()
+    while (choice := p.choose(1)).reason == "sweep":
+        b = choice.block_size
+        warm = 0.01 * (1 + b / 64)
+        if b > 1:  # the draft pass
+            p.observe_forward(b, warm * (20.0 if b not in seen else 1.0))
+        p.observe_forward(b, warm)  # the causal pass
+        p.observe_round(b, [b - 1])
+        seen.add(b)
+    assert seen == set(BLOCK_SIZES) and choice.block_size == 32
+
+
+def test_round_overhead_is_the_period_between_rounds_less_the_forwards():
+    p = BlockSizePolicy(32, BLOCK_SIZES)
+    a, b = frozenset({"a"}), frozenset({"a", "b"})
+    now = 0.0
+    for _ in range(5):  # rounds of request a: 10 ms of forwards, 4 ms around them
+        p.start_round(a, now=now)
+        p.observe_forward(32, 0.005)
+        p.observe_forward(32, 0.005)
+        now += 0.014
+    p.start_round(a, now=now)
+    assert p.overhead_s(1) == pytest.approx(0.004)
+    p.other_work()  # a prefill step in between: not a round's overhead
+    p.start_round(b, now=now + 0.5)
+    p.start_round(frozenset({"c"}), now=now + 0.6)  # no request continues: idle time
+    assert p.overhead_s(1) == pytest.approx(0.004) and not p.overhead.known(2)
+
+
+def test_round_overhead_makes_large_blocks_pay_at_small_batches():
+    """A forward cost linear in tokens picks B = 1; a fixed cost per round that dwarfs the
+    forwards amortises over a block's tokens and makes a well-accepted large block worth it."""
+    p = policy(lambda n: 1e-4 * n, [31, 31, 31, 31])
+    assert p.choose(1).block_size == 1
+    for _ in range(5):
+        p.overhead.observe(1, 0.05)
+    assert p.choose(1).block_size == 32
 
 
 def test_start_up_sweep_then_policy_then_exploration():
     p = BlockSizePolicy(32, BLOCK_SIZES)
     swept = []
-    for _ in BLOCK_SIZES:
-        choice = p.choose(1)
-        assert choice.reason == "sweep"
+    while (choice := p.choose(1)).reason == "sweep":
         swept.append(choice.block_size)
         p.observe_forward(choice.block_size, 0.01 * choice.block_size)
-    assert sorted(swept) == list(BLOCK_SIZES)
+    assert sorted(set(swept)) == list(BLOCK_SIZES) and len(swept) <= 3 * len(BLOCK_SIZES)
+    p.rounds -= 1  # that choice was the first after the sweep
     choices = [p.choose(1) for _ in range(4 * EXPLORE_EVERY)]
     explored = [c.block_size for c in choices if c.reason == "explore"]
     assert len(explored) == 4 and {c.reason for c in choices} == {"policy", "explore"}

@@ -144,6 +144,9 @@ class NLDBlockAlgorithm(DllmAlgorithm):
             # Causal prefill of uncached committed tokens; the token after it is the seed.
             if forward_batch.input_ids.numel() == 0:
                 return None, [], None, None, False
+            policy_state = block_policy.state()
+            if policy_state is not None:  # not a block round's overhead (block_policy.py)
+                policy_state.policy.other_work()
             out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
             logits = sampling.adjust(out.logits_output.next_token_logits.unsqueeze(1))
             mask_next_slot(logits, sampling, 0)
@@ -160,8 +163,9 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         if self.eos_id is None:
             eos = model_runner.model_config.hf_config.eos_token_id
             self.eos_id = eos[0] if isinstance(eos, (list, tuple)) else eos
-        started = time.perf_counter()
-        self.forward_seconds = 0.0
+        policy_state = block_policy.state()
+        if policy_state is not None:  # the policy times the period between rounds
+            policy_state.policy.start_round(self._request_ids(bs))
         block_size = forward_batch.input_ids.numel() // bs
         block = forward_batch.input_ids.view(bs, block_size)
         fill = self.fill_block(model_runner, forward_batch, block, sampling)
@@ -185,13 +189,14 @@ class NLDBlockAlgorithm(DllmAlgorithm):
                                accepted=accepted_list[i], block_size=block_size,
                                logprobs=logprobs[i])
                    for i in range(bs)]
-        policy_state = block_policy.state()
-        if policy_state is not None:  # the block-size policy learns cost and acceptance
-            policy = policy_state.policy
-            policy.observe_overhead(time.perf_counter() - started - self.forward_seconds)
-            if accepted is not None:
-                policy.observe_round(block_size, accepted_list)
+        if policy_state is not None and accepted is not None:  # the policy learns acceptance
+            policy_state.policy.observe_round(block_size, accepted_list)
         return out.logits_output, tokens, None, results, out.can_run_graph
+
+    def _request_ids(self, bs: int) -> frozenset:
+        if self.round_reqs is not None and len(self.round_reqs) == bs:
+            return frozenset(req.rid for req in self.round_reqs)
+        return frozenset(range(bs))
 
     @staticmethod
     def next_tokens(logits: torch.Tensor, sampling: BatchSampling, stream: int) -> torch.Tensor:
@@ -220,7 +225,6 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         if forward_batch.input_ids.is_cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-        self.forward_seconds = getattr(self, "forward_seconds", 0.0) + seconds
         policy_state = block_policy.state()
         if policy_state is not None:
             policy_state.policy.observe_forward(forward_batch.input_ids.numel(), seconds)
