@@ -17,8 +17,13 @@ that maximises expected committed tokens per second:
 - overhead(bs): the seconds of a round outside its forwards: the scheduler's work between two
   rounds of the same requests (batch assembly, KV allocation, the result path) plus the
   algorithm's own, timed as the period between round starts minus the round's forwards, per
-  power-of-two bucket of bs. It is paid once per round whatever B, so it is what makes large
-  blocks pay at small batches and what AR-sized B = 1 rounds cannot amortise.
+  power-of-two bucket of bs. Paid once per round, it is what makes large blocks pay at small
+  batches.
+- Once a (batch-size bucket, B) pair has run, the measured period of its rounds (per request,
+  so batch sizes within a bucket compare) replaces that model: part of the work outside the
+  forwards grows with B (slots allocated and freed, tokens committed), and the model, blind to
+  it, would keep an over-rated large B chosen. The model is optimistic for the pairs not yet
+  run, so the policy tries them and then knows.
 - E[tokens | B] = 1 + sum_{k=1}^{B-1} P(accepted >= k): the acceptance is a prefix, so the
   acceptance at a smaller B follows from the same statistics. P(accepted >= k) is a product of
   per-draft continuation rates over the blocks that reached each draft (`Acceptance`), decayed
@@ -46,6 +51,7 @@ EXPLORE_MAX_EVERY = 4
 DECAY = 0.995  # per round, acceptance statistics
 COST_EMA = 0.2  # weight of a new timing in its bucket
 WARM_TIMINGS = 3  # a bucket's first timings: their minimum (one-time costs of a new shape)
+PERIOD_TIMINGS = 2  # rounds of a (batch size, B) pair before its measured period is used
 PRIOR_WEIGHT, PRIOR_RATE = 1.0, 0.8  # pseudo-blocks accepting each next draft with this rate
 
 
@@ -71,9 +77,9 @@ class CostTable:
             self.seconds[b] = (1 - COST_EMA) * old + COST_EMA * seconds
         self.timings[b] = count + 1
 
-    def known(self, n: int) -> bool:
+    def known(self, n: int, timings: int = WARM_TIMINGS) -> bool:
         """Timed enough to be trusted (the start-up sweep repeats a B until it is)."""
-        return self.timings.get(self.bucket(n), 0) >= WARM_TIMINGS
+        return self.timings.get(self.bucket(n), 0) >= timings
 
     def cost(self, n: int) -> Optional[float]:
         """Interpolated in log2(n) between measured buckets, linear in n beyond them (the slope
@@ -152,7 +158,7 @@ class _Round:
 
     started: float
     requests: frozenset
-    batch_size: int
+    block_size: int
     forward_seconds: float = 0.0
     other_work: bool = False  # a prefill step ran before the next round (not a round's overhead)
 
@@ -163,6 +169,7 @@ class BlockSizePolicy:
         self.sizes = tuple(b for b in sizes if b <= max_block) or (max_block,)
         self.cost = CostTable()
         self.overhead = CostTable()  # keyed by batch size: seconds per round outside forwards
+        self.period = {}  # B -> CostTable keyed by batch size: seconds per round per request
         self.acceptance = Acceptance(max_block)
         self.rounds = 0
         self.current: Optional[_Round] = None
@@ -179,6 +186,9 @@ class BlockSizePolicy:
         out, overhead = [], self.overhead_s(batch_size)
         for b in self.sizes:
             seconds = self.passes(b) * self.cost.cost(batch_size * b) + overhead
+            period = self.period.get(b)
+            if period is not None and period.known(batch_size, PERIOD_TIMINGS):
+                seconds = batch_size * period.cost(batch_size)
             out.append((b, batch_size * self.acceptance.expected_tokens(b) / max(seconds, 1e-9)))
         return out
 
@@ -207,17 +217,20 @@ class BlockSizePolicy:
         if self.current is not None:
             self.current.forward_seconds += seconds
 
-    def start_round(self, requests: frozenset, now: Optional[float] = None) -> None:
+    def start_round(self, requests: frozenset, block_size: int, now: Optional[float] = None) -> None:
         """A block round begins. If it continues requests of the previous round with no prefill
-        step in between, the time since that round began, less its forwards, was that round's
-        overhead. (Other gaps hold idle time or another request's prefill, not per-round work.)"""
+        step in between, the time since that round began was that round's period, and less its
+        forwards its overhead. (Other gaps hold idle time or another request's prefill.)"""
         now = time.perf_counter() if now is None else now
         last = self.current
         if last is not None and not last.other_work and last.requests & requests:
-            overhead = now - last.started - last.forward_seconds
+            period = now - last.started
+            overhead = period - last.forward_seconds
             if 0.0 <= overhead <= 4 * last.forward_seconds + 0.05:  # not a stall of the process
-                self.overhead.observe(last.batch_size, overhead)
-        self.current = _Round(now, requests, len(requests))
+                bs = len(last.requests)
+                self.overhead.observe(bs, overhead)
+                self.period.setdefault(last.block_size, CostTable()).observe(bs, period / bs)
+        self.current = _Round(now, requests, block_size)
 
     def other_work(self) -> None:
         """A prefill step ran: the gap to the next round is not a round's overhead."""

@@ -108,15 +108,15 @@ def test_round_overhead_is_the_period_between_rounds_less_the_forwards():
     a, b = frozenset({"a"}), frozenset({"a", "b"})
     now = 0.0
     for _ in range(5):  # rounds of request a: 10 ms of forwards, 4 ms around them
-        p.start_round(a, now=now)
+        p.start_round(a, 32, now=now)
         p.observe_forward(32, 0.005)
         p.observe_forward(32, 0.005)
         now += 0.014
-    p.start_round(a, now=now)
+    p.start_round(a, 32, now=now)
     assert p.overhead_s(1) == pytest.approx(0.004)
     p.other_work()  # a prefill step in between: not a round's overhead
-    p.start_round(b, now=now + 0.5)
-    p.start_round(frozenset({"c"}), now=now + 0.6)  # no request continues: idle time
+    p.start_round(b, 32, now=now + 0.5)
+    p.start_round(frozenset({"c"}), 32, now=now + 0.6)  # no request continues: idle time
     assert p.overhead_s(1) == pytest.approx(0.004) and not p.overhead.known(2)
 
 
@@ -162,3 +162,22 @@ def test_settings_block_size(tmp_path):
         (tmp_path / "bad.yaml").write_text(bad)
         with pytest.raises(ValueError, match="block_size"):
             load_settings(str(tmp_path / "bad.yaml"))
+
+
+def test_measured_round_period_replaces_the_model():
+    """Work outside the forwards that grows with B is invisible to the forward-cost model, which
+    then over-rates large blocks; once a (batch size, B) pair has run, its measured period
+    decides. The model stays optimistic for pairs not yet run, so they get tried."""
+    p = policy(lambda n: 1e-4 * max(n, 64), [7, 7, 7, 7])  # flat to 64 tokens: B = 8 looks free
+    assert p.choose(8).block_size == 8
+    now, batch = 0.0, frozenset(range(8))
+    for b, period in ((8, 0.05), (8, 0.05), (8, 0.05), (1, 0.004), (1, 0.004), (1, 0.004)):
+        p.start_round(batch, b, now=now)
+        now += period
+    p.start_round(batch, 1, now=now)
+    rates = dict(p.choose(8).rates)
+    assert rates[8] == pytest.approx(8 * 8 / 0.05, rel=0.01) and rates[1] == pytest.approx(8 / 0.004)
+    assert rates[8] < rates[1] and p.choose(8).block_size != 8
+    # Not run at this batch size yet: rated by the model, whose overhead is now the measured one.
+    model = dict(policy(lambda n: 1e-4 * max(n, 64), [7, 7, 7, 7]).rates(8))
+    assert rates[16] != model[16]

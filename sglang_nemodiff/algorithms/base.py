@@ -163,10 +163,10 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         if self.eos_id is None:
             eos = model_runner.model_config.hf_config.eos_token_id
             self.eos_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+        block_size = forward_batch.input_ids.numel() // bs
         policy_state = block_policy.state()
         if policy_state is not None:  # the policy times the period between rounds
-            policy_state.policy.start_round(self._request_ids(bs))
-        block_size = forward_batch.input_ids.numel() // bs
+            policy_state.policy.start_round(self._request_ids(bs), block_size)
         block = forward_batch.input_ids.view(bs, block_size)
         fill = self.fill_block(model_runner, forward_batch, block, sampling)
         # One causal pass over the finished block: causal KV for every slot, logits per slot.
