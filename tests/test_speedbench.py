@@ -525,6 +525,28 @@ def test_harness_starts_servers_and_sweeps(tmp_path, fake_server_script, tokeniz
     assert (out / "speedbench.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_interleaved_passes(tmp_path, fake_server_script, tokenizer_dir):
+    """--interleave: every server up at once, the modes one after another at each concurrency;
+    --passes 2 runs the sweep twice and a mode's figures cover both passes."""
+    out = tmp_path / "out"
+    rc = sb.main(["--model-path", tokenizer_dir, "--algorithms", "linearspec", "--concurrency", "1,3",
+                  "--max-tokens", "16", "--out-dir", str(out), "--no-progress", "--no-plot",
+                  "--schedule", "mixed", "--interleave", "--passes", "2",
+                  "--launcher", f"{sys.executable} {fake_server_script}", "--server-start-timeout", "60"])
+    assert rc == 0
+    data = json.load(open(out / "speedbench.json"))
+    assert [s["label"] for s in data["meta"]["servers"]] == ["ar", "linearspec"]
+    order = [(r["mode"], r["concurrency"]) for r in map(json.loads, open(out / "speedbench_requests.jsonl"))]
+    runs = [key for i, key in enumerate(order) if i == 0 or order[i - 1] != key]
+    assert runs == [("ar", 1), ("linearspec", 1), ("ar", 3), ("linearspec", 3)] * 2
+    n = sum(len(r.turns) for r in sb.load_rows(sb.STANDIN_PATH))
+    for s in data["summary"]:
+        if s["category"] == "overall":
+            assert s["requests"] == 2 * n and s["errors"] == 0 and s["tok_per_s"] > 0
+    with pytest.raises(SystemExit):
+        sb.main(["--model-path", tokenizer_dir, "--passes", "2"])  # passes without --interleave
+
+
 def test_running_servers_prompts_multiturn_and_errors(tmp_path, fake_server_script, tokenizer_dir):
     """--url flow: default label server0, chat template + preclose in the prompt,
     multi-turn feeds the answer back, a failing request is recorded and the exit code says so."""

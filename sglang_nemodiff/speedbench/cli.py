@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -74,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     r.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     r.add_argument("--warmup", type=int, default=2, help="unrecorded warm-up requests per server")
+    r.add_argument("--interleave", action="store_true",
+                   help="start every mode's server at once and run the modes one after another at each "
+                        "concurrency, so a machine whose speed drifts over minutes (a shared CPU) drifts "
+                        "alike for all of them; needs memory for every server at once (not for large "
+                        "models on one GPU)")
+    r.add_argument("--passes", type=int, default=1,
+                   help="with --interleave: run the whole concurrency sweep N times; a mode's tok/s is "
+                        "its tokens over its wall time summed across the passes")
     o = p.add_argument_group("output")
     o.add_argument("--out-dir", default="speedbench_out")
     o.add_argument("--baseline", default="ar", help="mode the ratios are relative to (started first)")
@@ -88,8 +97,10 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("give either --model-path (the harness starts the servers) or --url (running servers), not both")
     if a.url_label and len(a.url_label) != len(a.url):
         p.error(f"{len(a.url_label)} --url-label for {len(a.url)} --url")
-    if a.max_tokens < 1 or a.repeat < 1:
-        p.error("--max-tokens and --repeat must be >= 1")
+    if a.max_tokens < 1 or a.repeat < 1 or a.passes < 1:
+        p.error("--max-tokens, --repeat and --passes must be >= 1")
+    if a.passes > 1 and not a.interleave:
+        p.error("--passes needs --interleave")
 
 
 class Run:
@@ -120,41 +131,64 @@ class Run:
             tok = self._tokenizers[tok_path]
         return PromptBuilder(tok, a.preclose_thinking, a.preclose_text, a.system_prompt)
 
-    def measure(self, label: str, url: str, tok_path: str | None, server: dict) -> None:
-        facts = server_facts(url)
-        server.update(facts)
-        self.servers.append(server)
-        self.cfg.model_name = facts.get("model_id") or "default"
+    def measure(self, label: str, url: str, tok_path: str | None, server: dict,
+                concurrencies: Sequence[int] | None = None, warmup: bool = True) -> None:
+        """Run `concurrencies` (default: all) against one server; the first call registers it.
+        Wall times add up over calls (passes of an interleaved run)."""
+        if server not in self.servers:
+            server.update(server_facts(url))
+            self.servers.append(server)
+        self.cfg.model_name = server.get("model_id") or "default"
         t0 = time.time()
-        recs, walls = run_sweep(url, self.cfg, self.builder(tok_path or facts.get("tokenizer_path")), self.rows,
-                                label, self.a.concurrency, progress=not self.a.no_progress, warmup=self.a.warmup,
-                                schedule=self.a.schedule)
+        recs, walls = run_sweep(url, self.cfg, self.builder(tok_path or server.get("tokenizer_path")), self.rows,
+                                label, concurrencies or self.a.concurrency, progress=not self.a.no_progress,
+                                warmup=self.a.warmup if warmup else 0, schedule=self.a.schedule)
         self.records.extend(recs)
-        self.walls.update({(label, c, name): v for (c, name), v in walls.items()})
-        server["sweep_s"] = round(time.time() - t0, 2)
+        for (c, name), v in walls.items():
+            self.walls[(label, c, name)] = self.walls.get((label, c, name), 0.0) + v
+        server["sweep_s"] = round(server.get("sweep_s", 0.0) + time.time() - t0, 2)
 
     def running_servers(self) -> None:
         for i, url in enumerate(self.a.url):
             label = self.a.url_label[i] if self.a.url_label else f"server{i}"
             self.measure(label, url.rstrip("/"), None, {"label": label, "url": url, "started_by_harness": False})
 
+    def _start(self, entry: ModeEntry, server_args: list[str], stack: contextlib.ExitStack):
+        """Start `entry`'s server inside `stack`; (server, meta), or None if it failed to start."""
+        a = self.a
+        meta = {"label": entry.label, "algorithm": entry.algorithm, "settings": entry.settings,
+                "started_by_harness": True}
+        srv = entry_server(entry, a.model_path, server_args, a.out_dir, host=a.host,
+                           launcher=shlex.split(a.launcher) if a.launcher else None)
+        meta["command"] = shlex.join(srv.cmd)
+        print(f"speedbench: starting {entry.label}: {meta['command']}", file=sys.stderr)
+        try:
+            stack.enter_context(srv)
+            meta["start_s"] = round(srv.wait_ready(a.server_start_timeout), 2)
+        except ServerStartError as e:
+            print(f"speedbench: {e}", file=sys.stderr)
+            self.servers.append({**meta, "error": str(e)[:2000]})
+            return None
+        print(f"speedbench: {entry.label} ready after {meta['start_s']:.1f} s", file=sys.stderr)
+        return srv, meta
+
     def started_servers(self, entries: Sequence[ModeEntry], server_args: list[str]) -> None:
         a = self.a
-        for entry in entries:
-            meta = {"label": entry.label, "algorithm": entry.algorithm, "settings": entry.settings,
-                    "started_by_harness": True}
-            srv = entry_server(entry, a.model_path, server_args, a.out_dir, host=a.host,
-                               launcher=shlex.split(a.launcher) if a.launcher else None)
-            meta["command"] = shlex.join(srv.cmd)
-            print(f"speedbench: starting {entry.label}: {meta['command']}", file=sys.stderr)
-            try:
-                with srv:
-                    meta["start_s"] = round(srv.wait_ready(a.server_start_timeout), 2)
-                    print(f"speedbench: {entry.label} ready after {meta['start_s']:.1f} s", file=sys.stderr)
-                    self.measure(entry.label, srv.url, a.model_path, meta)
-            except ServerStartError as e:
-                print(f"speedbench: {e}", file=sys.stderr)
-                self.servers.append({**meta, "error": str(e)[:2000]})
+        if not a.interleave:  # one server at a time, every concurrency
+            for entry in entries:
+                with contextlib.ExitStack() as stack:
+                    started = self._start(entry, server_args, stack)
+                    if started:
+                        self.measure(entry.label, started[0].url, a.model_path, started[1])
+            return
+        with contextlib.ExitStack() as stack:
+            live = [(entry, *started) for entry in entries
+                    if (started := self._start(entry, server_args, stack))]
+            for p in range(a.passes):
+                for c in a.concurrency:
+                    for entry, srv, meta in live:
+                        self.measure(entry.label, srv.url, a.model_path, meta, [c],
+                                     warmup=p == 0 and c == a.concurrency[0])
 
 
 def _warn_idle_workers(a: argparse.Namespace, rows) -> None:
