@@ -29,8 +29,8 @@ that maximises expected committed tokens per second:
   per-draft continuation rates over the blocks that reached each draft (`Acceptance`), decayed
   per round so it follows the traffic, with a weak prior that carries the last measured rate on
   to drafts no block has reached yet.
-- Every `EXPLORE_EVERY`-th round takes a larger B than the best (the next size up, every
-  `EXPLORE_MAX_EVERY`-th time the largest), so acceptance at larger blocks stays measured.
+- Every `EXPLORE_EVERY`-th round takes another B than the best, each in turn from the largest
+  down, so the acceptance at large blocks and the period of every B stay measured.
 
 One policy per scheduler process. Under tensor parallelism every rank must run the same B: rank 0
 decides and broadcasts it over the CPU group (the ranks' timings differ).
@@ -47,7 +47,6 @@ from typing import Optional, Sequence
 logger = logging.getLogger("sglang_nemodiff")
 
 EXPLORE_EVERY = 32
-EXPLORE_MAX_EVERY = 4
 DECAY = 0.995  # per round, acceptance statistics
 COST_EMA = 0.2  # weight of a new timing in its bucket
 WARM_TIMINGS = 3  # a bucket's first timings: their minimum (one-time costs of a new shape)
@@ -170,6 +169,7 @@ class BlockSizePolicy:
         self.cost = CostTable()
         self.overhead = CostTable()  # keyed by batch size: seconds per round outside forwards
         self.period = {}  # B -> CostTable keyed by batch size: seconds per round per request
+        self.overhead_by_block = {}  # B -> CostTable keyed by batch size: overhead of its rounds
         self.acceptance = Acceptance(max_block)
         self.rounds = 0
         self.current: Optional[_Round] = None
@@ -181,9 +181,17 @@ class BlockSizePolicy:
     def overhead_s(self, batch_size: int) -> float:
         return self.overhead.cost(batch_size) or 0.0
 
+    def model_overhead_s(self, batch_size: int) -> float:
+        """The overhead the model assumes for a B not yet run at this batch size: the least
+        measured here for any B (it grows with B), so the model errs optimistic and an untried
+        B gets tried rather than written off."""
+        measured = [t.cost(batch_size) for t in self.overhead_by_block.values()
+                    if t.known(batch_size, PERIOD_TIMINGS)]
+        return min(measured) if measured else self.overhead_s(batch_size)
+
     def rates(self, batch_size: int) -> list:
         """(B, expected committed tokens per second) for every candidate B."""
-        out, overhead = [], self.overhead_s(batch_size)
+        out, overhead = [], self.model_overhead_s(batch_size)
         for b in self.sizes:
             seconds = self.passes(b) * self.cost.cost(batch_size * b) + overhead
             period = self.period.get(b)
@@ -201,16 +209,16 @@ class BlockSizePolicy:
         rates = self.rates(batch_size)
         best = max(rates, key=lambda r: r[1])[0]
         reason = "policy"
-        if self.rounds % EXPLORE_EVERY == 0 and best < max(self.sizes):
-            # Keep the acceptance of larger blocks measured: usually the next size up; every
-            # EXPLORE_MAX_EVERY-th exploration the largest block, which measures every k at once
-            # (the next size up alone can leave a policy stuck at B = 1 after an unlucky sweep).
-            explorations = self.rounds // EXPLORE_EVERY
-            best = (max(self.sizes) if explorations % EXPLORE_MAX_EVERY == 1
-                    else min(b for b in self.sizes if b > best))
+        if self.rounds % EXPLORE_EVERY == 0 and len(self.sizes) > 1:
+            # Keep every other B measured, in turn from the largest down: larger blocks for the
+            # acceptance of late drafts (the largest measures every k at once), smaller ones for
+            # their round period at this batch size, which would otherwise stay at whatever
+            # an unlucky round once measured.
+            others = sorted((b for b in self.sizes if b != best), reverse=True)
+            best = others[(self.rounds // EXPLORE_EVERY - 1) % len(others)]
             reason = "explore"
         return Choice(best, batch_size, reason, tuple((b, round(r, 1)) for b, r in rates),
-                      round(1e3 * self.overhead_s(batch_size), 2))
+                      round(1e3 * self.model_overhead_s(batch_size), 2))
 
     def observe_forward(self, query_tokens: int, seconds: float) -> None:
         self.cost.observe(query_tokens, seconds)
@@ -229,6 +237,7 @@ class BlockSizePolicy:
             if 0.0 <= overhead <= 4 * last.forward_seconds + 0.05:  # not a stall of the process
                 bs = len(last.requests)
                 self.overhead.observe(bs, overhead)
+                self.overhead_by_block.setdefault(last.block_size, CostTable()).observe(bs, overhead)
                 self.period.setdefault(last.block_size, CostTable()).observe(bs, period / bs)
         self.current = _Round(now, requests, block_size)
 

@@ -181,3 +181,28 @@ def test_measured_round_period_replaces_the_model():
     # Not run at this batch size yet: rated by the model, whose overhead is now the measured one.
     model = dict(policy(lambda n: 1e-4 * max(n, 64), [7, 7, 7, 7]).rates(8))
     assert rates[16] != model[16]
+
+
+def test_exploration_visits_every_other_size_smaller_ones_too():
+    """A smaller B's period at this batch size must be re-measured too: one unlucky round would
+    otherwise keep it unchosen for good."""
+    p = policy(lambda n: 0.01, [31, 31, 31, 31])  # flat cost: B = 32 is the best
+    p.rounds = 0
+    explored = [c.block_size for c in (p.choose(4) for _ in range(5 * EXPLORE_EVERY)) if c.reason == "explore"]
+    assert explored == [16, 8, 4, 2, 1]
+
+
+def test_untried_block_sizes_get_the_least_overhead_measured():
+    """Overhead grows with B; the model charges an untried B the least overhead measured at
+    this batch size (optimistic: it gets tried), not the average over the B's that ran."""
+    p = policy(lambda n: 1e-3, [7, 7, 7, 7])
+    batch, now = frozenset(range(8)), 0.0
+    for b, overhead in ((8, 0.02), (8, 0.02), (8, 0.02), (4, 0.005), (4, 0.005), (4, 0.005)):
+        p.start_round(batch, b, now=now)
+        for _ in range(2):
+            p.observe_forward(8 * b, 1e-3)
+        now += 2e-3 + overhead
+    p.start_round(batch, 4, now=now)
+    assert p.model_overhead_s(8) == pytest.approx(0.005) and p.overhead_s(8) > 0.006
+    rates = dict(p.rates(8))
+    assert rates[1] == pytest.approx(8 / (1e-3 + 0.005), rel=0.01)
