@@ -4,6 +4,7 @@ SGLang servers (one per checkpoint and mode, started on first use, shared by the
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -84,14 +85,18 @@ def reference(tiny_checkpoint):
 
 class ServerPool:
     """Servers keyed by (checkpoint, mode, args), started on first use. At most `max_alive` run at
-    once (least recently used stops first): each costs ~1 GB and its scheduler loop competes for
-    the 2 cores. Fixtures call `get` per test, so an evicted server is started again if needed."""
+    once (least recently used stops first): each costs ~1 GB; idle ones sleep (--sleep-on-idle,
+    ~5% of a core). Four, because most test files cycle through ar / linearspec / fastdiffuser
+    on one checkpoint plus one variant: with two alive every third test restarted a server
+    (~35 s each; 37 starts in a full run). Fixtures call `get` per test, so an evicted server is started again if
+    needed; every start is recorded (`starts`, printed at the end of the run)."""
 
-    def __init__(self, log_dir, max_alive: int = 2):
+    def __init__(self, log_dir, max_alive: int = 4):
         self.log_dir = log_dir
         self.max_alive = max_alive
         self.servers = {}
         self.started = 0
+        self.starts = []  # (key, test that asked, seconds to ready)
 
     def get(self, model_path: str, algorithm: str, *extra: str, env: dict | None = None):
         from sglang_nemodiff.servers import ManagedServer
@@ -116,12 +121,15 @@ class ServerPool:
             server = ManagedServer(model_path, algorithm, [*CPU_ARGS, *extra],
                                    log_path=str(self.log_dir / name),
                                    env={**os.environ, **SERVER_ENV, **core, **env})
+            started = time.monotonic()
             server.start()
             try:
                 server.wait_ready(timeout=600)
             except Exception:
                 server.stop()
                 raise
+            self.starts.append((key, os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0],
+                                time.monotonic() - started))
             self.servers[key] = server
         return self.servers[key]
 
@@ -136,6 +144,24 @@ def server_pool(tmp_path_factory):
     pool = ServerPool(tmp_path_factory.mktemp("server-logs"))
     yield pool
     pool.stop_all()
+    _POOL_STARTS.extend(pool.starts)
+
+
+_POOL_STARTS = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How much of the run went into starting pooled servers (the suite's largest cost)."""
+    if not _POOL_STARTS:
+        return
+    keys = {key for key, _, _ in _POOL_STARTS}
+    seconds = sum(s for _, _, s in _POOL_STARTS)
+    terminalreporter.write_line(f"server pool: {len(_POOL_STARTS)} starts of {len(keys)} configurations, "
+                                f"{seconds:.0f} s to ready")
+    for key, test, s in _POOL_STARTS:
+        model, algorithm, extra, env = key
+        args = " ".join(os.path.basename(a) for a in extra)
+        terminalreporter.write_line(f"  {s:5.1f} s  {os.path.basename(model)} {algorithm} {args} {dict(env) or ''} <- {test}")
 
 
 @pytest.fixture
