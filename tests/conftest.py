@@ -88,8 +88,9 @@ class ServerPool:
     once (least recently used stops first): each costs ~1 GB; idle ones sleep (--sleep-on-idle,
     ~5% of a core). Four, because most test files cycle through ar / linearspec / fastdiffuser
     on one checkpoint plus one variant: with two alive every third test restarted a server
-    (~35 s each; 37 starts in a full run). Fixtures call `get` per test, so an evicted server is started again if
-    needed; every start is recorded (`starts`, printed at the end of the run)."""
+    (~35 s each; 37 starts in a full run). Fixtures call `get` per test, so an evicted server
+    is started again if needed; every start is recorded (`starts`, printed at the end of the
+    run)."""
 
     def __init__(self, log_dir, max_alive: int = 4):
         self.log_dir = log_dir
@@ -142,23 +143,24 @@ class ServerPool:
 @pytest.fixture(scope="session")
 def server_pool(tmp_path_factory):
     pool = ServerPool(tmp_path_factory.mktemp("server-logs"))
+    _POOLS.append(pool)
     yield pool
     pool.stop_all()
-    _POOL_STARTS.extend(pool.starts)
 
 
-_POOL_STARTS = []
+_POOLS = []  # the session's pool, for the summary below
 
 
 def pytest_terminal_summary(terminalreporter):
     """How much of the run went into starting pooled servers (the suite's largest cost)."""
-    if not _POOL_STARTS:
+    starts = [start for pool in _POOLS for start in pool.starts]
+    if not starts:
         return
-    keys = {key for key, _, _ in _POOL_STARTS}
-    seconds = sum(s for _, _, s in _POOL_STARTS)
-    terminalreporter.write_line(f"server pool: {len(_POOL_STARTS)} starts of {len(keys)} configurations, "
+    keys = {key for key, _, _ in starts}
+    seconds = sum(s for _, _, s in starts)
+    terminalreporter.write_line(f"server pool: {len(starts)} starts of {len(keys)} configurations, "
                                 f"{seconds:.0f} s to ready")
-    for key, test, s in _POOL_STARTS:
+    for key, test, s in starts:
         model, algorithm, extra, env = key
         args = " ".join(os.path.basename(a) for a in extra)
         terminalreporter.write_line(f"  {s:5.1f} s  {os.path.basename(model)} {algorithm} {args} {dict(env) or ''} <- {test}")
