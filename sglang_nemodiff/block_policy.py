@@ -3,10 +3,13 @@
 LinearSpec is lossless, so the block size B can change between rounds without changing any
 output token. A round of B > 1 costs two forwards of bs·B query tokens (draft + verify) and
 commits 1 + min(accepted, B-1) tokens per request; B = 1 is AR itself: no draft pass, one causal
-forward, one token. The policy picks, for the batch about to run, the B in {1, 2, 4, ..., max}
+forward per token, taken as `ar_steps` AR steps in one round (algorithms/ar_steps.py) so the
+scheduler's round work is paid once per `ar_steps` tokens. The policy picks, for the batch about to run, the B in {1, 2, 4, ..., max}
 that maximises expected committed tokens per second:
 
     bs · E[tokens | B] / (passes(B) · cost(bs · B) + overhead(bs))
+
+(for B = 1: E[tokens] = passes = ar_steps, each pass of bs query tokens)
 
 - cost(n): seconds of one forward of n query tokens, from a table of timed forwards on the
   serving device (an exponential moving average per power-of-two bucket of n, interpolated
@@ -163,8 +166,9 @@ class _Round:
 
 
 class BlockSizePolicy:
-    def __init__(self, max_block: int, sizes: Sequence[int]):
+    def __init__(self, max_block: int, sizes: Sequence[int], ar_steps: int = 1):
         self.max_block = max_block
+        self.ar_steps = max(1, min(ar_steps, max_block))  # AR steps of a B = 1 round
         self.sizes = tuple(b for b in sizes if b <= max_block) or (max_block,)
         self.cost = CostTable()
         self.overhead = CostTable()  # keyed by batch size: seconds per round outside forwards
@@ -174,9 +178,13 @@ class BlockSizePolicy:
         self.rounds = 0
         self.current: Optional[_Round] = None
 
-    @staticmethod
-    def passes(block_size: int) -> int:
-        return 1 if block_size == 1 else 2
+    def passes(self, block_size: int) -> int:
+        """Forwards of a round: a B = 1 round's AR steps, or a draft and a verify pass."""
+        return self.ar_steps if block_size == 1 else 2
+
+    def tokens(self, block_size: int) -> float:
+        """Expected tokens a round commits per request."""
+        return float(self.ar_steps) if block_size == 1 else self.acceptance.expected_tokens(block_size)
 
     def overhead_s(self, batch_size: int) -> float:
         return self.overhead.cost(batch_size) or 0.0
@@ -197,7 +205,7 @@ class BlockSizePolicy:
             period = self.period.get(b)
             if period is not None and period.known(batch_size, PERIOD_TIMINGS):
                 seconds = batch_size * period.cost(batch_size)
-            out.append((b, batch_size * self.acceptance.expected_tokens(b) / max(seconds, 1e-9)))
+            out.append((b, batch_size * self.tokens(b) / max(seconds, 1e-9)))
         return out
 
     def choose(self, batch_size: int) -> Choice:
@@ -262,11 +270,17 @@ class RoundBlockSize:
         self.max_block = max_block
         self.fixed = max_block if (mode != "linearspec" or settings.block_size != "auto") else None
         self.cycle = tuple(settings.block_size_cycle) if settings.block_size_cycle else None
-        self.policy = BlockSizePolicy(max_block, BLOCK_SIZES)
+        self.policy = BlockSizePolicy(max_block, BLOCK_SIZES, settings.ar_steps)
+        # Slots a B = 1 round places: its AR steps (algorithms/ar_steps.py; LinearSpec only).
+        self.ar_slots = self.policy.ar_steps if mode == "linearspec" else 1
         self.cycle_index = 0
         self.last_choice: Optional[Choice] = None
         self.last_log = 0.0
         self.last_logged = None
+
+    def slots(self, block_size: int) -> int:
+        """Block slots a round of this block size places."""
+        return self.ar_slots if block_size == 1 else block_size
 
     def begin_round(self, batch_size: int) -> int:
         if self.cycle is not None:

@@ -24,6 +24,9 @@ class AlgorithmSettings:
     # adapter is trained for LinearSpec drafts; the causal refresh pass never uses it.
     denoise_lora: bool = False
     draft_sampling: str = "sample"
+    # LinearSpec: AR steps one B = 1 round takes (each an AR decode step; the scheduler's round
+    # work is paid once per round), at most the largest block size.
+    ar_steps: int = 4
     # Testing/diagnosis: block sizes used in turn, one per round, instead of the policy's choice.
     block_size_cycle: tuple | None = None
 
@@ -46,6 +49,8 @@ class AlgorithmSettings:
                 not settings.block_size_cycle
                 or any(not isinstance(b, int) or b < 1 for b in settings.block_size_cycle)):
             raise ValueError(f"{source}: block_size_cycle must be a list of integers >= 1")
+        if not isinstance(settings.ar_steps, int) or isinstance(settings.ar_steps, bool) or settings.ar_steps < 1:
+            raise ValueError(f"{source}: ar_steps must be an integer >= 1")
         if settings.denoise_lora and not settings.use_lora:
             raise ValueError(f"{source}: denoise_lora needs the draft adapter (use_lora: true)")
         if not 0.0 < float(settings.threshold) <= 1.0:

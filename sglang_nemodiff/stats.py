@@ -38,8 +38,14 @@ class RoundResult:
     tokens: int  # tokens emitted
     keep: Optional[int] = None  # block rounds: leading block slots whose causal KV is kept
     accepted: Optional[int] = None  # LinearSpec: drafts accepted
-    block_size: Optional[int] = None  # block rounds: the block size used
+    block_size: Optional[int] = None  # block rounds: the block size used (1: AR steps)
     logprobs: Optional[TokenLogprobs] = None
+    slots: Optional[int] = None  # block slots the round placed, if not block_size (AR steps)
+    steps: int = 1  # blocks of block_size the round counts as (a B = 1 round: its AR steps)
+
+    @property
+    def placed(self) -> Optional[int]:
+        return self.slots if self.slots is not None else self.block_size
 
     @property
     def is_block(self) -> bool:
@@ -60,8 +66,8 @@ class RequestStats:
     def add(self, result: RoundResult) -> None:
         self.forwards += result.forwards
         if result.is_block:
-            self.blocks += 1
-            self.block_sizes[result.block_size] = self.block_sizes.get(result.block_size, 0) + 1
+            self.blocks += result.steps
+            self.block_sizes[result.block_size] = self.block_sizes.get(result.block_size, 0) + result.steps
         if result.accepted is not None:
             self.accepted += result.accepted
             self.drafted = True
@@ -103,9 +109,9 @@ class IntervalStats:
         self.forwards += result.forwards
         self.tokens += result.tokens
         if result.is_block:
-            self.blocks += 1
+            self.blocks += result.steps
             if result.block_size is not None:
-                self.block_sizes[result.block_size] = self.block_sizes.get(result.block_size, 0) + 1
+                self.block_sizes[result.block_size] = self.block_sizes.get(result.block_size, 0) + result.steps
         if result.accepted is not None:
             self.accepted += result.accepted
             self.drafted = True

@@ -30,6 +30,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
 from sglang_nemodiff import block_policy, kernels
 from sglang_nemodiff.algorithms import emits_first_token
+from sglang_nemodiff.algorithms.ar_steps import run_ar_steps
 from sglang_nemodiff.algorithms.grammar import mask_next_slot
 from sglang_nemodiff.algorithms.sampling import BatchSampling, sample_from
 from sglang_nemodiff.config import ARCHITECTURE
@@ -166,24 +167,20 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         block_size = forward_batch.input_ids.numel() // bs
         policy_state = block_policy.state()
         if policy_state is not None:  # the policy times the period between rounds
-            policy_state.policy.start_round(self._request_ids(bs), block_size)
+            policy_state.policy.start_round(
+                self._request_ids(bs), 1 if self.is_ar_round(bs, block_size) else block_size)
         block = forward_batch.input_ids.view(bs, block_size)
+        if self.is_ar_round(bs, block_size):
+            return self._ar_round(model_runner, forward_batch, block, sampling)
         fill = self.fill_block(model_runner, forward_batch, block, sampling)
         # One causal pass over the finished block: causal KV for every slot, logits per slot.
         out = self.forward_pass(model_runner, forward_batch, causal=True)
         verify = out.logits_output.full_logits.view(bs, block_size, -1)
         keep, accepted, bonus = self.accept(block, verify, sampling, fill)
-        keep_list, bonus_list = keep.tolist(), bonus.tolist()
+        keep_list = keep.tolist()
         accepted_list = accepted.tolist() if accepted is not None else [None] * bs
-        rows = block.tolist()
-        tokens = [torch.tensor(rows[i][1:keep_list[i]] + [bonus_list[i]]) for i in range(bs)]
-        logprobs = [None] * bs
-        if sampling.wants_logprobs:
-            # Emitted token j sits at slot j: block[j + 1] before the bonus, the bonus at keep-1.
-            emitted = torch.cat([block[:, 1:], bonus[:, None]], 1)
-            emitted.scatter_(1, (keep - 1)[:, None], bonus[:, None])
-            logprobs = sampling.token_logprobs(self.emission_logits(verify, sampling, block, fill),
-                                               emitted, keep_list)
+        tokens, logprobs = self._emitted(block, keep, bonus, sampling,
+                                         lambda: self.emission_logits(verify, sampling, block, fill))
         row_forwards = fill.row_forwards or [fill.forwards] * bs
         results = [RoundResult(forwards=row_forwards[i] + 1, tokens=keep_list[i], keep=keep_list[i],
                                accepted=accepted_list[i], block_size=block_size,
@@ -192,6 +189,44 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         if policy_state is not None and accepted is not None:  # the policy learns acceptance
             policy_state.policy.observe_round(block_size, accepted_list)
         return out.logits_output, tokens, None, results, out.can_run_graph
+
+    @staticmethod
+    def _emitted(block, keep, bonus, sampling: BatchSampling, emission_logits):
+        """Per request, the tokens a round emits (block[1:keep] and the bonus) and their
+        logprobs (emission_logits() -> [bs, B, V], read only for logprob requests)."""
+        keep_list, bonus_list, rows = keep.tolist(), bonus.tolist(), block.tolist()
+        tokens = [torch.tensor(rows[i][1:keep_list[i]] + [bonus_list[i]]) for i in range(len(rows))]
+        logprobs = [None] * len(rows)
+        if sampling.wants_logprobs:
+            # Emitted token j sits at slot j: block[j + 1] before the bonus, the bonus at keep-1.
+            emitted = torch.cat([block[:, 1:], bonus[:, None]], 1)
+            emitted.scatter_(1, (keep - 1)[:, None], bonus[:, None])
+            logprobs = sampling.token_logprobs(emission_logits(), emitted, keep_list)
+        return tokens, logprobs
+
+    # Modes whose B = 1 is AR itself (LinearSpec) take it as AR steps (ar_steps.py).
+    takes_ar_steps = False
+
+    def is_ar_round(self, bs: int, block_size: int) -> bool:
+        """A B = 1 round: one slot, or the `ar_steps` slots the scheduler placed for it
+        (patches/dllm_req_fill_ids.py marks its requests)."""
+        if not self.takes_ar_steps:
+            return False
+        if block_size == 1:
+            return True
+        reqs = self.round_reqs
+        return (reqs is not None and len(reqs) == bs
+                and all(getattr(r, "nemodiff_ar_round", False) for r in reqs))
+
+    def _ar_round(self, model_runner, forward_batch, block, sampling: BatchSampling) -> DllmRunOutput:
+        bs, slots = block.shape
+        steps = run_ar_steps(self, model_runner, forward_batch, block, sampling)
+        tokens, logprobs = self._emitted(block, steps.keep, steps.bonus, sampling, lambda: steps.logits)
+        keep_list = steps.keep.tolist()
+        results = [RoundResult(forwards=keep_list[i], tokens=keep_list[i], keep=keep_list[i], accepted=0,
+                               block_size=1, slots=slots, steps=keep_list[i], logprobs=logprobs[i])
+                   for i in range(bs)]
+        return steps.logits_output, tokens, None, results, False
 
     def _request_ids(self, bs: int) -> frozenset:
         if self.round_reqs is not None and len(self.round_reqs) == bs:

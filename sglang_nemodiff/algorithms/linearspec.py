@@ -1,6 +1,6 @@
 """LinearSpec: one bidirectional draft pass fills every mask (draft LoRA on), one causal verify
 pass (base weights) decides how many drafts to keep; the token after them is the bonus and next
-seed. Exactly 2 forwards per block.
+seed. Exactly 2 forwards per block of B >= 2; a B = 1 round takes AR steps instead (ar_steps.py).
 
 Greedy requests accept the longest prefix of drafts equal to the causal argmax (lossless: every
 emitted token is a causal argmax, as in AR). Requests that sample accept by speculative sampling
@@ -16,7 +16,7 @@ import torch
 
 from sglang_nemodiff import kernels
 from sglang_nemodiff.algorithms.base import BlockFill, NLDBlockAlgorithm, masked_confidence_argmax
-from sglang_nemodiff.algorithms.grammar import draft_under_grammar, mask_next_slot, settle
+from sglang_nemodiff.algorithms.grammar import draft_under_grammar, settle
 from sglang_nemodiff.algorithms.sampling import filtered_probs, sample_from
 
 DRAFT_STREAM, ACCEPT_STREAM = 1, 2  # random streams of one round (seeded requests)
@@ -27,10 +27,9 @@ class NemodiffLinearSpec(NLDBlockAlgorithm):
     supports_penalties = True
     supports_constrained_decoding = True
 
+    takes_ar_steps = True  # B = 1 rounds: ar_steps.py
+
     def fill_block(self, model_runner, forward_batch, block, sampling):
-        if block.shape[1] == 1:
-            # B = 1 is AR: no drafts, no draft pass; the verify pass's one slot gives the token.
-            return BlockFill(forwards=0)
         out = self.forward_pass(model_runner, forward_batch, causal=False, draft_lora=True)
         logits = out.logits_output.full_logits.view(*block.shape, -1)
         draft, _ = masked_confidence_argmax(logits, self.mask_id)
@@ -83,8 +82,6 @@ class NemodiffLinearSpec(NLDBlockAlgorithm):
 
     def accept(self, block, verify, sampling, fill):
         logits = sampling.adjust(verify, block)
-        if block.shape[1] == 1:
-            return self._accept_ar_step(logits, sampling, fill)
         for row, (allowed, _) in (fill.grammar or {}).items():
             logits[row] = logits[row].masked_fill(~allowed, float("-inf"))
         fill.verify_logits = logits
@@ -100,17 +97,6 @@ class NemodiffLinearSpec(NLDBlockAlgorithm):
                 block[rows, 1:], fill.draft_probs, p, u[:, :K], u[:, K])
         for row, (_, advanced) in (fill.grammar or {}).items():
             settle(sampling.grammars[row], advanced, int(accepted[row]), int(bonus[row]))
-        return accepted + 1, accepted, bonus
-
-    def _accept_ar_step(self, logits, sampling, fill):
-        """B = 1: the token is the verify slot's, exactly an AR step (argmax or a sample, under
-        the grammar's mask)."""
-        mask_next_slot(logits, sampling, 0)
-        fill.verify_logits = logits
-        bonus = self.next_tokens(logits, sampling, ACCEPT_STREAM)[:, 0]
-        for row in sampling.grammar_rows:
-            settle(sampling.grammars[row], 0, 0, int(bonus[row]))
-        accepted = torch.zeros_like(bonus)
         return accepted + 1, accepted, bonus
 
     def emission_logits(self, verify, sampling, block, fill):

@@ -72,3 +72,48 @@ def row_subset(forward_batch: ForwardBatch, rows: torch.Tensor, block: torch.Ten
     seq_lens_cpu = sub.seq_lens_cpu if sub.seq_lens_cpu is not None else sub.seq_lens.cpu()
     sub.seq_lens_sum = int(seq_lens_cpu.sum())
     return sub
+
+
+def decode_step(forward_batch: ForwardBatch, rows: torch.Tensor, slot: int, B: int,
+                input_ids: torch.Tensor) -> ForwardBatch:
+    """A DECODE ForwardBatch for slot `slot` of `rows` of a block batch (B slots per request):
+    one token per request at that slot's position, writing that slot's KV and attending to the
+    request's prefix plus slots 0..slot (the earlier slots' KV written by earlier steps). This
+    is an AR decode step taken inside a block round (algorithms/ar_steps.py)."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    sub = copy.copy(forward_batch)
+    sub.forward_metadata_ready = False  # the attention backend plans a decode batch
+    sub.forward_mode = ForwardMode.DECODE
+    token_index = rows * B + slot
+    for name in _PER_TOKEN_TENSORS:
+        value: Optional[torch.Tensor] = getattr(forward_batch, name)
+        if value is not None:
+            setattr(sub, name, value[token_index.to(value.device)])
+    sub.input_ids = input_ids
+    prefix = forward_batch.extend_prefix_lens[rows.to(forward_batch.extend_prefix_lens.device)]
+    for name in _PER_REQUEST_TENSORS:
+        value = getattr(forward_batch, name)
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == forward_batch.batch_size:
+            setattr(sub, name, value[rows.to(value.device)])
+    seq_lens = prefix + slot + 1
+    sub.seq_lens = seq_lens.to(forward_batch.seq_lens.device, forward_batch.seq_lens.dtype)
+    sub.seq_lens_cpu = seq_lens.cpu().to(torch.int64)
+    sub.orig_seq_lens = sub.seq_lens
+    sub.seq_lens_sum = int(sub.seq_lens_cpu.sum())
+    if forward_batch.mrope_positions is not None:
+        sub.mrope_positions = forward_batch.mrope_positions[:, token_index.to(forward_batch.mrope_positions.device)]
+    index = rows.tolist()
+    for name in ("lora_ids", "rids", "mm_inputs"):
+        value = getattr(forward_batch, name)
+        if value is not None:
+            setattr(sub, name, [value[i] for i in index])
+    for name in ("extend_num_tokens", "extend_seq_lens", "extend_prefix_lens", "extend_start_loc",
+                 "extend_prefix_lens_cpu", "extend_seq_lens_cpu", "extend_logprob_start_lens_cpu",
+                 "dllm_prompt_mask", "top_logprobs_nums", "token_ids_logprobs"):
+        setattr(sub, name, None)
+    sub.return_logprob = False  # the algorithm computes the logprobs it reports
+    sub.batch_size = len(index)
+    if forward_batch.num_token_non_padded is not None:
+        sub.num_token_non_padded = torch.full_like(forward_batch.num_token_non_padded, len(index))
+    return sub

@@ -66,18 +66,27 @@ class Penalties:
     stop_tokens: torch.Tensor  # [bs, V] bool: blocked while n_out < min_new
     bias: Optional[torch.Tensor]  # [bs, V] logit_bias
 
-    def apply(self, logits: torch.Tensor, block: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """logits [bs, n, V] of n consecutive steps; step j has also generated block[:, 1..j]
-        (block [bs, n] or None for a single step). Returns adjusted float logits."""
+    def apply(self, logits: torch.Tensor, block: Optional[torch.Tensor] = None,
+              start: int = 0) -> torch.Tensor:
+        """logits [bs, n, V] of the n consecutive steps start .. start+n-1 of a block; step j
+        has also generated block[:, 1..j] (block [bs, >= start+n] or None: nothing generated
+        in the block). start > 0 (an AR step inside a round, ar_steps.py) takes n = 1.
+        Returns adjusted float logits."""
         logits = logits.float()
         bs, n, V = logits.shape
         counts = self.counts.unsqueeze(1).expand(bs, n, V)
-        if block is not None and n > 1:
+        if block is not None and start > 0:
+            assert n == 1, "a step after the block's start is adjusted on its own"
+            earlier = block[:, 1 : start + 1]
+            extra = torch.zeros_like(self.counts).scatter_add_(
+                1, earlier, torch.ones(earlier.shape, dtype=counts.dtype, device=counts.device))
+            counts = counts + extra.unsqueeze(1)
+        elif block is not None and n > 1:
             steps = torch.nn.functional.one_hot(block[:, 1:n], V).to(counts.dtype).cumsum(1)
             counts = counts + torch.cat([torch.zeros_like(steps[:, :1]), steps], 1)
         logits = logits - self.frequency.unsqueeze(1) * counts
         logits = logits - self.presence.unsqueeze(1) * (counts > 0)
-        generated = self.n_out.view(-1, 1) + torch.arange(n, device=logits.device)
+        generated = self.n_out.view(-1, 1) + start + torch.arange(n, device=logits.device)
         blocked = (generated < self.min_new.view(-1, 1)).unsqueeze(-1) & self.stop_tokens.unsqueeze(1)
         logits = logits.masked_fill(blocked, float("-inf"))
         seen = counts > 0
@@ -185,9 +194,10 @@ class BatchSampling:
             logprobs=[self.logprobs[i] for i in index] if self.logprobs else (),
             grammars=[self.grammars[i] for i in index] if self.grammars else ())
 
-    def adjust(self, logits: torch.Tensor, block: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def adjust(self, logits: torch.Tensor, block: Optional[torch.Tensor] = None,
+               start: int = 0) -> torch.Tensor:
         """Penalties and logit bias for logits [bs, n, V] (see Penalties.apply)."""
-        return logits if self.penalties is None else self.penalties.apply(logits, block)
+        return logits if self.penalties is None else self.penalties.apply(logits, block, start)
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [bs, n, V] -> sampling distributions [bs, n, V] (row parameters per request)."""

@@ -3,7 +3,8 @@ appends the block after all committed tokens; NLD's block is `[seed, MASK × (B-
 is the last committed token and is not yet in the KV cache (see algorithms/base.py).
 
 B is the round's (block_policy.py): every request of a decode round gets the same B, decided once
-per scheduling step when the first block of the step is placed. A step starts in
+per scheduling step when the first block of the step is placed. A B = 1 round places `ar_steps`
+slots and marks its requests (`req.nemodiff_ar_round`): the algorithm fills them with AR steps. A step starts in
 `DllmManager.init_next_round`, which places the next block of every request that just ran.
 A request waiting with a block placed in an earlier step (a prefill round ran in between, or
 the pool had no room) keeps its block, and the step takes its size."""
@@ -25,7 +26,8 @@ TARGETS = (
 
 class _Step:
     manager = None  # the DllmManager of this process (one scheduler per process)
-    block_size = None  # decided for the current scheduling step
+    slots = None  # block slots of the current scheduling step's rounds (decided once per step)
+    ar_round = False  # whether they are a B = 1 round's AR steps (algorithms/ar_steps.py)
     replacing = frozenset()  # ids of the requests whose block this step re-places
 
 
@@ -38,22 +40,25 @@ def _round_state(dllm_config):
                                  dllm_config.block_size, mode_of(dllm_config.algorithm))
 
 
-def _decide(dllm_config) -> int:
+def _decide(dllm_config) -> tuple:
+    """(slots, whether an AR-steps round) for the current scheduling step."""
     from sglang.srt.dllm.mixin.req import DllmReqPhase
 
     round_state = _round_state(dllm_config)
     manager = _Step.manager
     queued = [r for r in (manager.waiting_queue if manager is not None else []) if not r.finished()]
-    staged = {len(r.full_untruncated_fill_ids) - r.dllm_block_offset for r in queued
+    staged = [r for r in queued
               if r.dllm_phase == DllmReqPhase.STAGING_DECODE and id(r) not in _Step.replacing
-              and r.dllm_initialized and len(r.full_untruncated_fill_ids) > r.dllm_block_offset}
+              and r.dllm_initialized and len(r.full_untruncated_fill_ids) > r.dllm_block_offset]
     if staged:
-        block_size = max(staged)
-    else:
-        # The decode batch this step forms: every queued request that has its first token.
-        batch = min(max(sum(bool(r.output_ids) for r in queued), 1), dllm_config.max_running_requests)
-        block_size = round_state.begin_round(batch)
-    return _broadcast(block_size)
+        # Blocks placed in an earlier step were placed together: one size, one kind.
+        first = max(staged, key=lambda r: len(r.full_untruncated_fill_ids) - r.dllm_block_offset)
+        return (len(first.full_untruncated_fill_ids) - first.dllm_block_offset,
+                getattr(first, "nemodiff_ar_round", False))
+    # The decode batch this step forms: every queued request that has its first token.
+    batch = min(max(sum(bool(r.output_ids) for r in queued), 1), dllm_config.max_running_requests)
+    block_size = _broadcast(round_state.begin_round(batch))
+    return round_state.slots(block_size), block_size == 1
 
 
 def _broadcast(block_size: int) -> int:
@@ -78,17 +83,18 @@ def init_fill_ids_for_dllm(original, req):
     if not is_nemodiff_algorithm(req.dllm_config.algorithm) or not req.output_ids:
         # No seed yet: the (chunked) causal prefill of the prompt runs as in stock SGLang.
         return original(req)
-    if _Step.block_size is None:
-        _Step.block_size = _decide(req.dllm_config)
+    if _Step.slots is None:
+        _Step.slots, _Step.ar_round = _decide(req.dllm_config)
     committed = req.origin_input_ids + req.output_ids
     req.dllm_block_offset = len(committed) - 1
-    req.full_untruncated_fill_ids = committed + array("q", [req.dllm_config.mask_id] * (_Step.block_size - 1))
+    req.full_untruncated_fill_ids = committed + array("q", [req.dllm_config.mask_id] * (_Step.slots - 1))
+    req.nemodiff_ar_round = _Step.ar_round  # read by the algorithm (base.is_ar_round)
     req.dllm_initialized = True
 
 
 def init_next_round(original, manager):
     _Step.manager = manager
-    _Step.block_size = None
+    _Step.slots = None
     _Step.replacing = frozenset(map(id, manager.staging_queue))
     original(manager)
 
