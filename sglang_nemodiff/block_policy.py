@@ -33,7 +33,8 @@ that maximises expected committed tokens per second:
   per round so it follows the traffic, with a weak prior that carries the last measured rate on
   to drafts no block has reached yet.
 - Every `EXPLORE_EVERY`-th round takes another B than the best, each in turn from the largest
-  down, so the acceptance at large blocks and the period of every B stay measured.
+  down, so the acceptance at large blocks and the period of every B stay measured; only the B's
+  rated at least `EXPLORE_FLOOR` of the best are explored (the others cannot win on noise).
 
 One policy per scheduler process. Under tensor parallelism every rank must run the same B: rank 0
 decides and broadcasts it over the CPU group (the ranks' timings differ).
@@ -50,6 +51,7 @@ from typing import Optional, Sequence
 logger = logging.getLogger("sglang_nemodiff")
 
 EXPLORE_EVERY = 32
+EXPLORE_FLOOR = 0.5  # explored: the B's rated at least this share of the best's rate
 DECAY = 0.995  # per round, acceptance statistics
 COST_EMA = 0.2  # weight of a new timing in its bucket
 WARM_TIMINGS = 3  # a bucket's first timings: their minimum (one-time costs of a new shape)
@@ -221,10 +223,15 @@ class BlockSizePolicy:
             # Keep every other B measured, in turn from the largest down: larger blocks for the
             # acceptance of late drafts (the largest measures every k at once), smaller ones for
             # their round period at this batch size, which would otherwise stay at whatever
-            # an unlucky round once measured.
-            others = sorted((b for b in self.sizes if b != best), reverse=True)
-            best = others[(self.rounds // EXPLORE_EVERY - 1) % len(others)]
-            reason = "explore"
+            # an unlucky round once measured. Not a B rated under EXPLORE_FLOOR of the best:
+            # an estimate that far off is not a warm timing's noise, and such a round costs
+            # (a 32-token block at batch 32 took 0.5 s, four AR-step rounds' time).
+            best_rate = max(r for _, r in rates)
+            others = sorted((b for b, r in rates if b != best and r >= EXPLORE_FLOOR * best_rate),
+                            reverse=True)
+            if others:
+                best = others[(self.rounds // EXPLORE_EVERY - 1) % len(others)]
+                reason = "explore"
         return Choice(best, batch_size, reason, tuple((b, round(r, 1)) for b, r in rates),
                       round(1e3 * self.model_overhead_s(batch_size), 2))
 

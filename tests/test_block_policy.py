@@ -4,7 +4,7 @@ when forwards cost the same whatever their size, and follows the acceptance it o
 
 import pytest
 
-from sglang_nemodiff.block_policy import EXPLORE_EVERY, WARM_TIMINGS, Acceptance, BlockSizePolicy, CostTable, RoundBlockSize
+from sglang_nemodiff.block_policy import EXPLORE_EVERY, EXPLORE_FLOOR, WARM_TIMINGS, Acceptance, BlockSizePolicy, CostTable, RoundBlockSize
 from sglang_nemodiff.settings import BLOCK_SIZES, AlgorithmSettings, load_settings, max_block_size
 
 
@@ -135,7 +135,7 @@ def test_start_up_sweep_then_policy_then_exploration():
     swept = []
     while (choice := p.choose(1)).reason == "sweep":
         swept.append(choice.block_size)
-        p.observe_forward(choice.block_size, 0.01 * choice.block_size)
+        p.observe_forward(choice.block_size, 0.01 * choice.block_size ** 0.3)  # every B worth exploring
     assert sorted(set(swept)) == list(BLOCK_SIZES) and len(swept) <= 3 * len(BLOCK_SIZES)
     p.rounds -= 1  # that choice was the first after the sweep
     choices = [p.choose(1) for _ in range(4 * EXPLORE_EVERY)]
@@ -183,13 +183,35 @@ def test_measured_round_period_replaces_the_model():
     assert rates[16] != model[16]
 
 
-def test_exploration_visits_every_other_size_smaller_ones_too():
+def test_exploration_visits_every_other_size_smaller_ones_too(monkeypatch):
     """A smaller B's period at this batch size must be re-measured too: one unlucky round would
-    otherwise keep it unchosen for good."""
+    otherwise keep it unchosen for good (every B rated within the floor; here the floor is 0)."""
+    import sglang_nemodiff.block_policy as bp
+
+    monkeypatch.setattr(bp, "EXPLORE_FLOOR", 0.0)
     p = policy(lambda n: 0.01, [31, 31, 31, 31])  # flat cost: B = 32 is the best
     p.rounds = 0
     explored = [c.block_size for c in (p.choose(4) for _ in range(5 * EXPLORE_EVERY)) if c.reason == "explore"]
     assert explored == [16, 8, 4, 2, 1]
+
+
+def test_exploration_skips_sizes_rated_far_below_the_best():
+    """Flat cost: B = 1 and 2 commit 1-2 tokens for the cost a 32-block commits 32 with; a
+    round of them would only cost. Negative control: with the floor at 0 they are explored."""
+    import sglang_nemodiff.block_policy as bp
+
+    def explored():
+        p = policy(lambda n: 0.01, [31, 31, 31, 31])
+        p.rounds = 0
+        return [c.block_size for c in (p.choose(4) for _ in range(5 * EXPLORE_EVERY)) if c.reason == "explore"]
+
+    assert bp.EXPLORE_FLOOR == EXPLORE_FLOOR > 0
+    assert 1 not in explored() and 2 not in explored() and 16 in explored()
+    floor, bp.EXPLORE_FLOOR = bp.EXPLORE_FLOOR, 0.0
+    try:
+        assert explored() == [16, 8, 4, 2, 1]
+    finally:
+        bp.EXPLORE_FLOOR = floor
 
 
 def test_untried_block_sizes_get_the_least_overhead_measured():
