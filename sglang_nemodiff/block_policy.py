@@ -4,8 +4,8 @@ LinearSpec is lossless, so the block size B can change between rounds without ch
 output token. A round of B > 1 costs two forwards of bs·B query tokens (draft + verify) and
 commits 1 + min(accepted, B-1) tokens per request; B = 1 is AR itself: no draft pass, one causal
 forward per token, taken as `ar_steps` AR steps in one round (algorithms/ar_steps.py) so the
-scheduler's round work is paid once per `ar_steps` tokens. The policy picks, for the batch about to run, the B in {1, 2, 4, ..., max}
-that maximises expected committed tokens per second:
+scheduler's round work is paid once per `ar_steps` tokens. The policy picks, for the batch
+about to run, the B in {1, 2, 4, ..., max} that maximises expected committed tokens per second:
 
     bs · E[tokens | B] / (passes(B) · cost(bs · B) + overhead(bs))
 
@@ -32,6 +32,17 @@ that maximises expected committed tokens per second:
   per-draft continuation rates over the blocks that reached each draft (`Acceptance`), decayed
   per round so it follows the traffic, with a weak prior that carries the last measured rate on
   to drafts no block has reached yet.
+- Per request, not per server: the batch's expected tokens are the mean over its requests of
+  E[min(tokens | B, r)], where r is what the request may still generate (its max_new_tokens
+  less its output: the rest of a block is trimmed, so a large block late in a short request is
+  credited only what it can deliver), and each request's rates are its own recent blocks'
+  (`REQUEST_DECAY`) shrunk towards the server's (`REQUEST_WEIGHT` pseudo-blocks; on drafts its
+  blocks never reached, the server's rate scaled by how the request compared at the last one it
+  did; its B = 1 rounds, which observe no drafts, fade its own statistics). Acceptance
+  moves along a request (a bundled-model answer that falls into a repeating stretch accepts
+  whole blocks after blocks of 1-4 tokens): pooled over the server, those whole blocks made a
+  32-token block look worth its cost at concurrency 1 where a 16-token one delivered the same
+  tokens for less (held at B = 16: 1.12x the tok/s of B = 32, same forwards).
 - Every `EXPLORE_EVERY`-th round takes another B than the best, each in turn from the largest
   down, so the acceptance at large blocks and the period of every B stay measured; only the B's
   rated at least `EXPLORE_FLOOR` of the best are explored (the others cannot win on noise).
@@ -57,6 +68,9 @@ COST_EMA = 0.2  # weight of a new timing in its bucket
 WARM_TIMINGS = 3  # a bucket's first timings: their minimum (one-time costs of a new shape)
 PERIOD_TIMINGS = 2  # rounds of a (batch size, B) pair before its measured period is used
 PRIOR_WEIGHT, PRIOR_RATE = 1.0, 0.8  # pseudo-blocks accepting each next draft with this rate
+REQUEST_DECAY = 0.7  # per round of a request: its last few blocks carry its own acceptance
+REQUEST_WEIGHT = 2.0  # pseudo-blocks of the server's rates behind each request's own
+MAX_TRACKED = 1024  # requests with their own acceptance kept (finished ones are dropped)
 
 
 @dataclass
@@ -118,25 +132,45 @@ class Acceptance:
     max_block: int
     reached: list = field(default_factory=list)  # index k: blocks that could accept draft k
     did: list = field(default_factory=list)  # index k: of those, accepted it
+    decay: float = DECAY  # per observation (a round of the server, or a block of one request)
 
     def __post_init__(self):
         self.reached = [0.0] * self.max_block
         self.did = [0.0] * self.max_block
 
-    def observe(self, block_size: int, accepted: Sequence[int]) -> None:
+    def fade(self) -> None:
+        """One observation's decay, with nothing observed."""
         for k in range(1, self.max_block):
-            self.reached[k] *= DECAY
-            self.did[k] *= DECAY
+            self.reached[k] *= self.decay
+            self.did[k] *= self.decay
+
+    def observe(self, block_size: int, accepted: Sequence[int]) -> None:
+        self.fade()
         for a in accepted:
             for k in range(1, min(a + 1, block_size - 1) + 1):  # drafts 1 .. a+1 were reached
                 self.reached[k] += 1
                 self.did[k] += a >= k
 
-    def at_least(self) -> list:
-        """P(accepted >= k) for k = 0 .. max_block-1, non-increasing in k."""
-        probs, p, rate = [1.0], 1.0, PRIOR_RATE
+    def rates(self, prior: Optional[Sequence[float]] = None, weight: float = PRIOR_WEIGHT) -> list:
+        """Per-draft continuation rates, index k = 1 .. max_block-1 (index 0 unused). Each leans
+        on `weight` pseudo-blocks of an anchor: without `prior` (the server's statistics) the rate
+        of the draft before it; with `prior` (a request's, leaning on the server's rates) the
+        prior's rate scaled by how the request's rate compared with it at the draft before, so a
+        request that rejects early is not credited the server's tail on drafts it never reached
+        (its tail continues the way its head went, as in the server's own estimate)."""
+        rates, rate, ratio = [1.0], PRIOR_RATE, 1.0
         for k in range(1, self.max_block):
-            rate = (self.did[k] + PRIOR_WEIGHT * rate) / (self.reached[k] + PRIOR_WEIGHT)
+            anchor = rate if prior is None else min(1.0, prior[k] * ratio)
+            rate = (self.did[k] + weight * anchor) / (self.reached[k] + weight)
+            rates.append(rate)
+            if prior is not None and prior[k] > 0:
+                ratio = rate / prior[k]
+        return rates
+
+    def at_least(self, rates: Optional[Sequence[float]] = None) -> list:
+        """P(accepted >= k) for k = 0 .. max_block-1, non-increasing in k."""
+        probs, p = [1.0], 1.0
+        for rate in (self.rates() if rates is None else rates)[1:]:
             p *= rate
             probs.append(p)
         return probs
@@ -177,6 +211,7 @@ class BlockSizePolicy:
         self.period = {}  # B -> CostTable keyed by batch size: seconds per round per request
         self.overhead_by_block = {}  # B -> CostTable keyed by batch size: overhead of its rounds
         self.acceptance = Acceptance(max_block)
+        self.requests = {}  # request id -> Acceptance of its own blocks (REQUEST_DECAY)
         self.rounds = 0
         self.current: Optional[_Round] = None
 
@@ -185,8 +220,28 @@ class BlockSizePolicy:
         return self.ar_steps if block_size == 1 else 2
 
     def tokens(self, block_size: int) -> float:
-        """Expected tokens a round commits per request."""
+        """Expected tokens a round commits per request (no budgets, the server's acceptance)."""
         return float(self.ar_steps) if block_size == 1 else self.acceptance.expected_tokens(block_size)
+
+    def batch_tokens(self, budgets: Optional[Sequence[int]] = None,
+                     request_ids: Optional[Sequence] = None) -> dict:
+        """B -> expected tokens a round delivers per request of the batch: the mean over its
+        requests of E[min(tokens | B, r)] with r the request's budget and its own acceptance
+        (module docstring). Without budgets: the server's E[tokens | B]."""
+        if not budgets:
+            return {b: self.tokens(b) for b in self.sizes}
+        server_rates = self.acceptance.rates()
+        server_sums = _prefix_sums(self.acceptance.at_least(server_rates))
+        ids = request_ids if request_ids is not None and len(request_ids) == len(budgets) else [None] * len(budgets)
+        totals = dict.fromkeys(self.sizes, 0.0)
+        for r, rid in zip(budgets, ids):
+            own = self.requests.get(rid) if rid is not None else None
+            sums = server_sums if own is None else _prefix_sums(
+                own.at_least(own.rates(server_rates, REQUEST_WEIGHT)))
+            r = max(1, r)
+            for b in self.sizes:
+                totals[b] += float(min(self.ar_steps, r)) if b == 1 else sums[min(b, r)]
+        return {b: t / len(budgets) for b, t in totals.items()}
 
     def overhead_s(self, batch_size: int) -> float:
         return self.overhead.cost(batch_size) or 0.0
@@ -199,24 +254,28 @@ class BlockSizePolicy:
                     if t.known(batch_size, PERIOD_TIMINGS)]
         return min(measured) if measured else self.overhead_s(batch_size)
 
-    def rates(self, batch_size: int) -> list:
-        """(B, expected committed tokens per second) for every candidate B."""
+    def rates(self, batch_size: int, budgets: Optional[Sequence[int]] = None,
+              request_ids: Optional[Sequence] = None) -> list:
+        """(B, expected committed tokens per second) for every candidate B; `budgets`: the
+        tokens each request of the batch may still generate, `request_ids` their ids."""
         out, overhead = [], self.model_overhead_s(batch_size)
+        tokens = self.batch_tokens(budgets, request_ids)
         for b in self.sizes:
             seconds = self.passes(b) * self.cost.cost(batch_size * b) + overhead
             period = self.period.get(b)
             if period is not None and period.known(batch_size, PERIOD_TIMINGS):
                 seconds = batch_size * period.cost(batch_size)
-            out.append((b, batch_size * self.tokens(b) / max(seconds, 1e-9)))
+            out.append((b, batch_size * tokens[b] / max(seconds, 1e-9)))
         return out
 
-    def choose(self, batch_size: int) -> Choice:
+    def choose(self, batch_size: int, budgets: Optional[Sequence[int]] = None,
+               request_ids: Optional[Sequence] = None) -> Choice:
         self.rounds += 1
         batch_size = max(batch_size, 1)
         for b in sorted(self.sizes, reverse=True):  # start-up sweep: time every B once
             if not self.cost.known(batch_size * b) and self.cost.bucket(batch_size * b) <= self.cost.bucket(self.max_block):
                 return Choice(b, batch_size, "sweep")
-        rates = self.rates(batch_size)
+        rates = self.rates(batch_size, budgets, request_ids)
         best = max(rates, key=lambda r: r[1])[0]
         reason = "policy"
         if self.rounds % EXPLORE_EVERY == 0 and len(self.sizes) > 1:
@@ -261,9 +320,39 @@ class BlockSizePolicy:
         if self.current is not None:
             self.current.other_work = True
 
-    def observe_round(self, block_size: int, accepted: Sequence[int]) -> None:
-        if block_size > 1:
-            self.acceptance.observe(block_size, accepted)
+    def observe_ar_round(self, request_ids: Sequence) -> None:
+        """A B = 1 round (no drafts): its requests' own acceptance fades towards the server's,
+        so a request rated down to B = 1 by a few rejected blocks is offered blocks again (it
+        would otherwise never be re-measured: AR steps observe no drafts)."""
+        for rid in request_ids:
+            own = self.requests.get(rid)
+            if own is not None:
+                own.fade()
+
+    def observe_round(self, block_size: int, accepted: Sequence[int],
+                      request_ids: Optional[Sequence] = None) -> None:
+        if block_size <= 1:
+            return
+        self.acceptance.observe(block_size, accepted)
+        if request_ids is None or len(request_ids) != len(accepted):
+            return
+        if len(self.requests) > MAX_TRACKED:  # finished requests: keep only this round's
+            keep = set(request_ids)
+            self.requests = {rid: a for rid, a in self.requests.items() if rid in keep}
+        for rid, a in zip(request_ids, accepted):
+            own = self.requests.get(rid)
+            if own is None:
+                own = self.requests[rid] = Acceptance(self.max_block, decay=REQUEST_DECAY)
+            own.observe(block_size, [a])
+
+
+def _prefix_sums(values: Sequence[float]) -> list:
+    """sums[k] = values[0] + ... + values[k-1] (sums[0] = 0)."""
+    sums, total = [0.0], 0.0
+    for v in values:
+        total += v
+        sums.append(total)
+    return sums
 
 
 class RoundBlockSize:
@@ -289,7 +378,10 @@ class RoundBlockSize:
         """Block slots a round of this block size places."""
         return self.ar_slots if block_size == 1 else block_size
 
-    def begin_round(self, batch_size: int) -> int:
+    def begin_round(self, batch_size: int, budgets: Optional[Sequence[int]] = None,
+                    request_ids: Optional[Sequence] = None) -> int:
+        """The block size of the round being formed for `batch_size` requests (`budgets`: the
+        tokens each may still generate, `request_ids` their ids, when known)."""
         if self.cycle is not None:
             b = min(self.cycle[self.cycle_index % len(self.cycle)], self.max_block)
             self.cycle_index += 1
@@ -297,7 +389,7 @@ class RoundBlockSize:
         elif self.fixed is not None:
             choice = Choice(self.fixed, batch_size, "fixed")
         else:
-            choice = self.policy.choose(batch_size)
+            choice = self.policy.choose(batch_size, budgets, request_ids)
         self.last_choice = choice
         # Logged: the sweep, a policy choice that changes B, and one every 10 s (not explorations).
         changed = choice.reason == "policy" and choice.block_size != self.last_logged

@@ -228,3 +228,73 @@ def test_untried_block_sizes_get_the_least_overhead_measured():
     assert p.model_overhead_s(8) == pytest.approx(0.005) and p.overhead_s(8) > 0.006
     rates = dict(p.rates(8))
     assert rates[1] == pytest.approx(8 / (1e-3 + 0.005), rel=0.01)
+
+
+def test_budget_caps_the_tokens_a_block_is_credited():
+    """A request with r tokens left takes at most r of a block (the rest is trimmed): a 32-block
+    that accepts everything is worth 32 tokens to a request with 47 left and 3 to one with 3
+    left, where a 4-block delivers the same 3 for less. Negative control: without budgets the
+    policy keeps the 32-block."""
+    p = policy(lambda n: 1e-3 * (8 + n / 8), [31, 31, 31, 31])
+    assert p.choose(1, budgets=[47]).block_size == 32
+    assert p.choose(1, budgets=[3]).block_size == 4
+    assert p.choose(1).block_size == 32
+    tokens = p.batch_tokens([3, 47])
+    assert tokens[32] == pytest.approx((3 + p.tokens(32)) / 2, rel=0.01)
+    assert tokens[1] == 1.0  # an AR-steps round of one step per round (ar_steps = 1 here)
+
+
+def test_each_request_is_rated_by_its_own_recent_acceptance():
+    """The server's blocks accept everything, but request "stuck" rejected its last drafts:
+    for it a round of 32 would commit ~1 token, so it gets B = 1 alone; a request with no blocks
+    of its own yet is rated by the server's acceptance. Negative control: without request ids
+    the server's acceptance rates both alike."""
+    p = policy(lambda n: 1e-3 * (8 + n / 8), [31, 31, 31, 31])
+    for _ in range(4):
+        p.observe_round(32, [31, 0], request_ids=["flowing", "stuck"])
+    assert p.choose(1, budgets=[200], request_ids=["stuck"]).block_size == 1
+    assert p.choose(1, budgets=[200], request_ids=["new"]).block_size == 32
+    assert p.choose(1, budgets=[200], request_ids=["flowing"]).block_size == 32
+    assert p.choose(1, budgets=[200]).block_size == 32
+    mixed = p.batch_tokens([200, 200], ["stuck", "flowing"])
+    assert mixed[32] == pytest.approx((p.batch_tokens([200], ["stuck"])[32]
+                                       + p.batch_tokens([200], ["flowing"])[32]) / 2)
+    assert p.batch_tokens([200], ["stuck"])[32] < 2.0 < 20.0 < p.batch_tokens([200], ["flowing"])[32]
+
+
+def test_request_acceptance_follows_its_recent_blocks_and_is_bounded():
+    """A request whose blocks start accepting again is rated up within a few blocks (its own
+    statistics decay per block); finished requests are dropped once many are tracked."""
+    import sglang_nemodiff.block_policy as bp
+
+    p = policy(lambda n: 1e-3 * (8 + n / 8), [15, 15, 15, 15])
+    for _ in range(5):
+        p.observe_round(32, [0], request_ids=["r"])
+    low = p.batch_tokens([200], ["r"])[16]
+    for _ in range(4):
+        p.observe_round(32, [31], request_ids=["r"])
+    assert low < 2.0 and p.batch_tokens([200], ["r"])[16] > 10.0
+    for i in range(bp.MAX_TRACKED + 10):
+        p.observe_round(32, [3], request_ids=[f"q{i}"])
+    assert len(p.requests) <= bp.MAX_TRACKED + 1
+
+
+def test_a_request_rated_down_to_ar_steps_is_offered_blocks_again():
+    """AR-step rounds observe no drafts, so a request rated down to B = 1 would stay there for
+    good; each of its B = 1 rounds fades its own statistics towards the server's instead.
+    Negative control: without the fading it stays at B = 1."""
+    def stuck_policy():
+        p = policy(lambda n: 1e-3 * (8 + n / 8), [31, 31, 31, 31])
+        for _ in range(4):
+            p.observe_round(32, [31, 0], request_ids=["flowing", "stuck"])
+        return p
+
+    p = stuck_policy()
+    sizes = []
+    for _ in range(12):
+        sizes.append(p.choose(1, budgets=[200], request_ids=["stuck"]).block_size)
+        if sizes[-1] == 1:
+            p.observe_ar_round(["stuck"])
+    assert sizes[0] == 1 and sizes[-1] > 1
+    frozen = stuck_policy()
+    assert all(frozen.choose(1, budgets=[200], request_ids=["stuck"]).block_size == 1 for _ in range(12))

@@ -187,7 +187,7 @@ class NLDBlockAlgorithm(DllmAlgorithm):
                                logprobs=logprobs[i])
                    for i in range(bs)]
         if policy_state is not None and accepted is not None:  # the policy learns acceptance
-            policy_state.policy.observe_round(block_size, accepted_list)
+            policy_state.policy.observe_round(block_size, accepted_list, self._request_id_list(bs))
         return out.logits_output, tokens, None, results, out.can_run_graph
 
     @staticmethod
@@ -223,6 +223,9 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         steps = run_ar_steps(self, model_runner, forward_batch, block, sampling)
         tokens, logprobs = self._emitted(block, steps.keep, steps.bonus, sampling, lambda: steps.logits)
         keep_list = steps.keep.tolist()
+        policy_state, request_ids = block_policy.state(), self._request_id_list(bs)
+        if policy_state is not None and request_ids is not None:
+            policy_state.policy.observe_ar_round(request_ids)
         results = [RoundResult(forwards=keep_list[i], tokens=keep_list[i], keep=keep_list[i], accepted=0,
                                block_size=1, slots=slots, steps=keep_list[i], logprobs=logprobs[i])
                    for i in range(bs)]
@@ -232,6 +235,12 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         if self.round_reqs is not None and len(self.round_reqs) == bs:
             return frozenset(req.rid for req in self.round_reqs)
         return frozenset(range(bs))
+
+    def _request_id_list(self, bs: int) -> Optional[list]:
+        """The round's request ids in row order (None when the requests are not known)."""
+        if self.round_reqs is not None and len(self.round_reqs) == bs:
+            return [req.rid for req in self.round_reqs]
+        return None
 
     @staticmethod
     def next_tokens(logits: torch.Tensor, sampling: BatchSampling, stream: int) -> torch.Tensor:

@@ -56,9 +56,17 @@ def _decide(dllm_config) -> tuple:
         return (len(first.full_untruncated_fill_ids) - first.dllm_block_offset,
                 getattr(first, "nemodiff_ar_round", False))
     # The decode batch this step forms: every queued request that has its first token.
-    batch = min(max(sum(bool(r.output_ids) for r in queued), 1), dllm_config.max_running_requests)
-    block_size = _broadcast(round_state.begin_round(batch))
+    decoding = [r for r in queued if r.output_ids][:dllm_config.max_running_requests]
+    batch = max(len(decoding), 1)
+    block_size = _broadcast(round_state.begin_round(batch, [_budget(r) for r in decoding],
+                                                    [r.rid for r in decoding]))
     return round_state.slots(block_size), block_size == 1
+
+
+def _budget(req) -> int:
+    """Tokens the request may still generate (its max_new_tokens less those it has)."""
+    limit = req.sampling_params.max_new_tokens
+    return (1 << 30) if limit is None else max(1, limit - len(req.output_ids))
 
 
 def _broadcast(block_size: int) -> int:
