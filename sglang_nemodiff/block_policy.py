@@ -66,7 +66,7 @@ EXPLORE_FLOOR = 0.5  # explored: the B's rated at least this share of the best's
 DECAY = 0.995  # per round, acceptance statistics
 COST_EMA = 0.2  # weight of a new timing in its bucket
 WARM_TIMINGS = 3  # a bucket's first timings: their minimum (one-time costs of a new shape)
-PERIOD_TIMINGS = 2  # rounds of a (batch size, B) pair before its measured period is used
+PERIOD_TIMINGS = WARM_TIMINGS  # rounds of a (batch size, B) pair before its measured period is used (their minimum: cold rounds right after start-up do not stick)
 PRIOR_WEIGHT, PRIOR_RATE = 1.0, 0.8  # pseudo-blocks accepting each next draft with this rate
 REQUEST_DECAY = 0.7  # per round of a request: its last few blocks carry its own acceptance
 REQUEST_WEIGHT = 2.0  # pseudo-blocks of the server's rates behind each request's own
@@ -288,6 +288,12 @@ class BlockSizePolicy:
             best_rate = max(r for _, r in rates)
             others = sorted((b for b, r in rates if b != best and r >= EXPLORE_FLOOR * best_rate),
                             reverse=True)
+            if not others and best == 1:
+                # Every block rated far below AR steps, which observe no drafts: without a
+                # block now and then the acceptance would never be measured again (a fresh
+                # server whose warm-up request rejected every draft stayed at B = 1 for ~200
+                # rounds). The runner-up, the cheapest mistake, keeps it measured.
+                others = [max((r, b) for b, r in rates if b != best)[1]]
             if others:
                 best = others[(self.rounds // EXPLORE_EVERY - 1) % len(others)]
                 reason = "explore"

@@ -171,12 +171,12 @@ def test_measured_round_period_replaces_the_model():
     p = policy(lambda n: 1e-4 * max(n, 64), [7, 7, 7, 7])  # flat to 64 tokens: B = 8 looks free
     assert p.choose(8).block_size == 8
     now, batch = 0.0, frozenset(range(8))
-    for b, period in ((8, 0.05), (8, 0.05), (8, 0.05), (1, 0.004), (1, 0.004), (1, 0.004)):
+    for b, period in ((8, 0.04), (8, 0.04), (8, 0.04), (1, 0.004), (1, 0.004), (1, 0.004)):
         p.start_round(batch, b, now=now)
         now += period
     p.start_round(batch, 1, now=now)
     rates = dict(p.choose(8).rates)
-    assert rates[8] == pytest.approx(8 * 8 / 0.05, rel=0.01) and rates[1] == pytest.approx(8 / 0.004)
+    assert rates[8] == pytest.approx(8 * 8 / 0.04, rel=0.01) and rates[1] == pytest.approx(8 / 0.004)
     assert rates[8] < rates[1] and p.choose(8).block_size != 8
     # Not run at this batch size yet: rated by the model, whose overhead is now the measured one.
     model = dict(policy(lambda n: 1e-4 * max(n, 64), [7, 7, 7, 7]).rates(8))
@@ -298,3 +298,17 @@ def test_a_request_rated_down_to_ar_steps_is_offered_blocks_again():
     assert sizes[0] == 1 and sizes[-1] > 1
     frozen = stuck_policy()
     assert all(frozen.choose(1, budgets=[200], request_ids=["stuck"]).block_size == 1 for _ in range(12))
+
+
+def test_ar_steps_never_stop_measuring_the_acceptance():
+    """Every block rated under the exploration floor of B = 1 (a fresh server whose first blocks
+    rejected every draft): the runner-up is still explored, since AR steps observe no drafts
+    and the acceptance would otherwise never be measured again."""
+    p = policy(lambda n: 1e-3 * (8 + n / 8), [0, 0, 0, 0])
+    p.rounds = 0
+    choices = [p.choose(1) for _ in range(4 * EXPLORE_EVERY)]
+    rates = dict(choices[0].rates)
+    runner_up = max((r, b) for b, r in rates.items() if b != 1)[1]
+    assert all(r < EXPLORE_FLOOR * rates[1] for b, r in rates.items() if b != 1)
+    assert [c.block_size for c in choices if c.reason == "explore"] == [runner_up] * 4
+    assert {c.block_size for c in choices if c.reason == "policy"} == {1}
