@@ -200,6 +200,21 @@ def generate_many(server, prompts, max_new_tokens=24, **params):
         return list(pool.map(lambda ids: generate(server, ids, max_new_tokens, **params), prompts))
 
 
+def generate_batch(server, prompts, max_new_tokens=24, **params):
+    """All prompts in one batched /generate call, responses in prompt order. Pre-tokenized, the
+    batch reaches the scheduler as one message: its first round sees every request, however fast
+    or loaded the machine is. (generate_many's concurrent clients arrive over several rounds.)"""
+    import requests
+
+    payload = {"input_ids": [list(ids) for ids in prompts],
+               "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, **params}}
+    response = requests.post(server.url + "/generate", json=payload, timeout=300)
+    response.raise_for_status()
+    responses = response.json()
+    assert isinstance(responses, list) and len(responses) == len(prompts), responses
+    return responses
+
+
 def meta(response, key):
     """A plugin meta_info value (request-level values arrive as one-element lists)."""
     value = response["meta_info"].get(key)
