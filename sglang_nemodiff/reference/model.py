@@ -115,6 +115,8 @@ class NLDReference(nn.Module):
             self.layers.append(layer)
         self.norm = nn.Parameter(torch.ones(c.hidden_size))
         self.diffusion_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:  # converted AR models: the head is the embedding matrix
+            self.diffusion_head.weight = self.embed_tokens.weight
         inv_freq, self.rope_scale = yarn_inv_freq_and_scale(self.head_dim, c.rope_parameters)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         # Draft-only LoRA on o_proj: per layer (A [r, in], B [out, r]) and alpha / r.
@@ -125,8 +127,9 @@ class NLDReference(nn.Module):
     def hf_state_dict_names(self) -> dict[str, torch.Tensor]:
         """The real HF tensor names (`encoder.*`, `diffusion_head.weight`) -> parameters."""
         names = {"encoder.embed_tokens.weight": self.embed_tokens.weight,
-                 "encoder.norm.weight": self.norm,
-                 "diffusion_head.weight": self.diffusion_head.weight}
+                 "encoder.norm.weight": self.norm}
+        if not self.config.tie_word_embeddings:
+            names["diffusion_head.weight"] = self.diffusion_head.weight
         for i, layer in enumerate(self.layers):
             p = f"encoder.layers.{i}."
             for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -152,6 +155,8 @@ class NLDReference(nn.Module):
             if name.endswith(".safetensors"):
                 state.update(load_file(os.path.join(path, name)))
         model = model.to_empty(device=device)
+        if model.config.tie_word_embeddings:  # to_empty() made the head its own tensor again
+            model.diffusion_head.weight = model.embed_tokens.weight
         for name, param in model.hf_state_dict_names().items():
             if name not in state:
                 raise KeyError(f"checkpoint {path} is missing tensor {name}")
@@ -184,7 +189,9 @@ class NLDReference(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, causal: bool = True,
                 use_draft_lora: bool = False):
-        """Logits [T, V] of `input_ids` [T] placed after the cache, and the new tokens' KV."""
+        """Logits [T, V] of `input_ids` [T] placed after the cache, and the new tokens' KV.
+        A bidirectional pass returns per-slot logits: row j predicts the token at slot j, whatever
+        the checkpoint's draft convention (`shift_logits`, see `slot_logits`)."""
         c = self.config
         past = len(cache) if cache is not None else 0
         T = input_ids.shape[0]
@@ -225,5 +232,16 @@ class NLDReference(nn.Module):
             h = h + out
             x = rms_norm(h, layer.post_attention_layernorm, c.rms_norm_eps)
             h = h + layer.down_proj(F.silu(layer.gate_proj(x)) * layer.up_proj(x))
-        logits = self.diffusion_head(rms_norm(h, self.norm, c.rms_norm_eps))
-        return logits.float(), new_kv
+        logits = self.diffusion_head(rms_norm(h, self.norm, c.rms_norm_eps)).float()
+        if not causal:
+            logits = slot_logits(logits.unsqueeze(0), c.shift_logits)[0]
+        return logits, new_kv
+
+
+def slot_logits(logits: torch.Tensor, shift: bool) -> torch.Tensor:
+    """Bidirectional-pass logits [bs, B, V] as per-slot predictions. With the shifted convention
+    (converted AR models) the output at slot j predicts slot j + 1: slot j's prediction is row
+    j - 1. Slot 0 (the committed seed) is never predicted; it keeps row 0."""
+    if not shift:
+        return logits
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)

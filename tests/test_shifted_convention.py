@@ -1,0 +1,76 @@
+"""The shifted draft convention of converted AR models (`shift_logits: true`): in a bidirectional
+pass the output at slot j predicts slot j + 1. The model classes turn it into per-slot logits, so
+LinearSpec and FastDiffuser (and sampling, grammar and the kernels, which read per-slot logits)
+honour it without knowing it. A tiny random checkpoint in the converted layout (tied head, plain
+RoPE, shifted drafts) is served == the oracle, token for token and forward for forward."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import generate, generate_many, meta
+from sglang_nemodiff.reference import NLDReference, ar_generate, fastdiffuser_generate, linearspec_generate
+from sglang_nemodiff.reference.model import slot_logits
+
+CONVERTED_LAYOUT = dict(shift_logits=True, tie_word_embeddings=True,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+@pytest.fixture(scope="module")
+def shifted_checkpoint(tmp_path_factory):
+    from sglang_nemodiff.checkpoint import write_random_checkpoint
+
+    return write_random_checkpoint(str(tmp_path_factory.mktemp("shifted") / "tiny-shifted"), seed=3,
+                                   lora_rank=8, **CONVERTED_LAYOUT)
+
+
+@pytest.fixture(scope="module")
+def shifted_reference(shifted_checkpoint):
+    return NLDReference.from_pretrained(shifted_checkpoint)
+
+
+def test_slot_logits_moves_rows_by_one():
+    logits = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    assert torch.equal(slot_logits(logits, False), logits)
+    shifted = slot_logits(logits, True)
+    assert torch.equal(shifted[:, 1:], logits[:, :-1]) and torch.equal(shifted[:, 0], logits[:, 0])
+
+
+def test_converted_layout_loads_tied_and_plain(shifted_checkpoint, shifted_reference):
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(shifted_checkpoint, "model.safetensors"), "pt") as f:
+        assert "diffusion_head.weight" not in f.keys()  # tied: the head is the embedding
+    ref = shifted_reference
+    assert ref.diffusion_head.weight.data_ptr() == ref.embed_tokens.weight.data_ptr()
+    assert ref.config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+    assert ref.rope_scale == 1.0  # no YaRN attention scaling on a plain rope
+
+
+def test_oracle_honours_the_convention(shifted_checkpoint, shifted_reference, prompts):
+    """LinearSpec stays AR whatever the drafts; FastDiffuser's output depends on the convention
+    (negative control: the same weights read unshifted denoise differently)."""
+    unshifted = NLDReference.from_pretrained(shifted_checkpoint, shift_logits=False)
+    differs = 0
+    for ids in prompts[:4]:
+        ar = ar_generate(shifted_reference, ids, 32, eos_id=11).tokens
+        assert linearspec_generate(shifted_reference, ids, 32, eos_id=11).tokens == ar
+        differs += (fastdiffuser_generate(shifted_reference, ids, 32, eos_id=11).tokens
+                    != fastdiffuser_generate(unshifted, ids, 32, eos_id=11).tokens)
+    assert differs >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["linearspec", "fastdiffuser"])
+def test_served_equals_oracle(server_pool, shifted_checkpoint, shifted_reference, prompts, mode):
+    server = server_pool.get(shifted_checkpoint, mode)
+    oracle = linearspec_generate if mode == "linearspec" else fastdiffuser_generate
+    expected = [oracle(shifted_reference, ids, 40, eos_id=11) for ids in prompts]
+    responses = generate_many(server, prompts, 40)
+    assert [r["output_ids"] for r in responses] == [e.tokens for e in expected]
+    assert [meta(r, "nemodiff_forwards") for r in responses] == [e.forwards for e in expected]
+    if mode == "linearspec":
+        assert [r["output_ids"] for r in responses] == \
+            [ar_generate(shifted_reference, ids, 40, eos_id=11).tokens for ids in prompts]
+    assert generate(server, prompts[0], 8)["output_ids"] == expected[0].tokens[:8]
