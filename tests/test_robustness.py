@@ -4,6 +4,7 @@ the oracle's tokens; a hung scheduler turns /health red."""
 
 import os
 import random
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -126,6 +127,69 @@ def test_kv_pressure_completes_every_request(server_pool, tiny_checkpoint, refer
     assert retractions > 0, "the pressure did not reach retraction: tighten the test"
     time.sleep(3)  # idle: the strict KV check runs; a leaked slot kills the server
     assert_serving(server, prompts[0][:8])
+
+
+@pytest.mark.parametrize("mode", ["linearspec", "fastdiffuser"])
+def test_kv_pressure_refused_prompt_already_cached(server_pool, tiny_checkpoint, reference, mode):
+    """A prompt refused at admission (no room for its growth) and admitted later, whose whole
+    prompt (two full 32-token blocks) is in the radix cache, is prefilled like any prompt. It
+    used to keep its initialised state when it went back to the queue: on its next try the
+    prompt matched the cache in full, it was staged as a block round inside a prefill batch,
+    and the scheduler died in the KV stash (round result None, or the invariant (rid, 65, 64, 1)).
+
+    Deterministic like the test above (same server): the cache is flushed, each prompt runs
+    alone for 8 tokens (its 64 prompt tokens go into the radix cache), then all six go in one
+    batched /generate; admission reserves growth, so some of them are refused at first."""
+    server = server_pool.get(tiny_checkpoint, mode, *PRESSURE_ARGS, *(BLOCK32 if mode == "linearspec" else ()))
+    rng = random.Random(7)
+    prompts = [[rng.randrange(130, VOCAB) for _ in range(64)] for _ in range(6)]
+    assert requests.post(server.url + "/flush_cache", timeout=60).status_code == 200
+    for ids in prompts:
+        assert generate(server, ids, 8)["output_ids"] == oracle(mode, reference, ids, 8)
+    log_start = len(open(server.log_path, errors="replace").read())
+    responses = generate_batch(server, prompts, 200)
+    for ids, response in zip(prompts, responses):
+        assert response["output_ids"] == oracle(mode, reference, ids, 200)
+    # Prefill batches that reused cached prompt tokens: more than one means that cached prompts
+    # were admitted in different rounds, i.e. some were refused first (what this test is about).
+    log = open(server.log_path, errors="replace").read()[log_start:]
+    cached_prefills = [int(n) for n in re.findall(r"#cached-token: (\d+)", log) if int(n) > 0]
+    assert len(cached_prefills) >= 2, "no cached prompt was refused and admitted later: tighten the test"
+    time.sleep(3)  # idle: the strict KV check runs; a leaked slot kills the server
+    assert_serving(server, prompts[0][:8])
+
+
+def test_prefix_match_stops_below_the_seed_block():
+    """The same crash by another way, checked on the limit itself (a server reaches it only by
+    chance): a request re-encoded after retraction has its block's masks after the seed, so
+    stock SGLang lets it match the cache up to a block-aligned seed (FastDiffuser's always are);
+    staged as a decode in a prefill batch, it gets no block round. The plugin's limit keeps a
+    block to encode; a prompt's first prefill keeps stock SGLang's limit."""
+    from array import array
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.schedule_batch import Req
+
+    from sglang_nemodiff.patches.dllm_req_fill_ids import compute_max_prefix_len
+
+    stock = getattr(Req._compute_max_prefix_len, "__wrapped__", Req._compute_max_prefix_len)
+    config = SimpleNamespace(algorithm="NemodiffFastDiffuser", block_size=32,
+                             requires_separate_context_encoding=True)
+
+    def limits(prompt_len, outputs, block_offset, input_len):
+        req = SimpleNamespace(dllm_config=config, dllm_block_offset=block_offset,
+                              origin_input_ids=array("q", [7] * prompt_len),
+                              output_ids=array("q", [7] * outputs), return_logprob=False,
+                              logprob_start_len=-1, is_dllm=lambda: True)
+        return stock(req, input_len), compute_max_prefix_len(stock, req, input_len)
+
+    # Retracted: 96 + 161 committed tokens, seed at 256, its 32-slot block placed after it.
+    assert limits(96, 161, 256, 257 + 31) == (256, 224)
+    # A refused prompt left initialised (the bug above): stock had appended a block of fill ids.
+    assert limits(64, 0, 64, 64 + 32) == (64, 32)
+    # A prompt's first prefill: unchanged.
+    assert limits(64, 0, 64, 64) == (32, 32)
+    assert limits(70, 0, 70, 70) == (64, 64)
 
 
 def _scheduler_pid(server):

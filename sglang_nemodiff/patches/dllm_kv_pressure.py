@@ -104,12 +104,18 @@ def process_dllm_batches(original, scheduler, adder, running_batch):
             mode = ForwardMode.DLLM_EXTEND
     # An incoming request that was refused still had its phase advanced to STAGING_PREFILL
     # (init_next_round_input runs before admission); as "staging" it would next be admitted
-    # against the remaining pool without the growth reservation. It holds no KV: incoming again.
+    # against the remaining pool without the growth reservation. It holds no KV: incoming again,
+    # and uninitialised again, as it arrived. Left initialised, its next init_next_round_input
+    # takes it for a request that finished a round: stock SGLang appends a block of fill ids
+    # after the prompt, which lifts the prefix-match limit to the whole prompt; a block-aligned
+    # prompt already in the radix cache then matched in full, was staged as a decode in the
+    # prefill batch and crashed the KV stash (no block round result).
     admitted = {id(r) for r in adder.can_run_list}
     for req in scheduler.dllm_manager.waiting_queue:
         if (req.dllm_phase == DllmReqPhase.STAGING_PREFILL and not req.kv.holds_kv
                 and id(req) not in admitted):
             req.dllm_phase = DllmReqPhase.INCOMING_PREFILL
+            req.dllm_initialized = False
     return mode
 
 

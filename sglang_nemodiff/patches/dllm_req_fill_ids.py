@@ -7,7 +7,16 @@ per scheduling step when the first block of the step is placed. A B = 1 round pl
 slots and marks its requests (`req.nemodiff_ar_round`): the algorithm fills them with AR steps. A step starts in
 `DllmManager.init_next_round`, which places the next block of every request that just ran.
 A request waiting with a block placed in an earlier step (a prefill round ran in between, or
-the pool had no room) keeps its block, and the step takes its size."""
+the pool had no room) keeps its block, and the step takes its size.
+
+A request takes from the radix cache at most the whole blocks before its seed
+(`dllm_block_offset`), so its prefill always has a token to encode. Stock SGLang's
+limit (input length - 1) ensures that only while the fill ids end at the seed: a prompt's first
+prefill (unchanged here), not a request with outputs re-encoded after retraction, whose block's
+masks follow the seed. With its seed block-aligned (FastDiffuser's always are) and everything
+before it still cached, it would match up to the seed and be staged as a decode inside a prefill
+batch, which runs no block round for it (the KV stash then fails). Rare (the retraction usually
+evicts its last page), the cost of the limit is one block re-encoded."""
 
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ TARGETS = (
     "sglang.srt.dllm.mixin.req.ReqDllmMixin._init_fill_ids_for_dllm",
     "sglang.srt.dllm.mixin.scheduler.DllmManager.init_next_round",
     "sglang.srt.dllm.mixin.req.DllmReqPhase",
+    "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len",
 )
 
 
@@ -107,6 +117,17 @@ def init_next_round(original, manager):
     original(manager)
 
 
+def compute_max_prefix_len(original, req, input_len):
+    """The prefix a request may take from the radix cache: below its seed's block (see above)."""
+    limit = original(req, input_len)
+    dllm_config = req.dllm_config
+    if dllm_config is None or not is_nemodiff_algorithm(dllm_config.algorithm):
+        return limit
+    block_size = dllm_config.block_size
+    return max(0, min(limit, (req.dllm_block_offset - 1) // block_size * block_size))
+
+
 def apply() -> None:
     HookRegistry.register(TARGETS[0], init_fill_ids_for_dllm, HookType.AROUND)
     HookRegistry.register(TARGETS[1], init_next_round, HookType.AROUND)
+    HookRegistry.register(TARGETS[3], compute_max_prefix_len, HookType.AROUND)
