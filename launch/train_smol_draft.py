@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--eval-blocks", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", default=None,
+                        help="continue from this adapter directory (PEFT layout) instead of a new one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -90,13 +92,19 @@ def main() -> None:
     log(f"teacher pass {time.time() - t0:.0f} s")
     evals = dc.eval_batches(held_seqs, args.block_size, mask_id, args.eval_blocks, seed=args.seed + 1)
     lora = dc.new_adapter(model, args.rank, args.seed)
+    if args.init:
+        dc.load_adapter(lora, args.init)
+        log(f"continuing from {args.init}")
     best, history = dc.train(model, lora, train_seqs, evals, minutes=args.minutes,
                              blocks_per_step=args.blocks_per_step, block_size=args.block_size,
                              lr=args.lr, tau=args.tau, mask_id=mask_id, seed=args.seed,
                              eval_every_minutes=args.eval_every, log=log)
     lora.load_state_dict(best)
-    lora.save(args.out)
-    record = {"args": vars(args), "train_answers": len(train_seqs), "train_answer_tokens": n_tokens,
+    lora.save(args.out, dtype=torch.bfloat16)  # what ships: half the size, same drafts to within rounding
+    previous = None
+    if args.init and os.path.exists(os.path.join(args.init, "train_log.json")):
+        previous = json.load(open(os.path.join(args.init, "train_log.json")))
+    record = {"args": vars(args), "continued_from": previous, "train_answers": len(train_seqs), "train_answer_tokens": n_tokens,
               "heldout_answers": len(held_seqs), "history": history,
               "total_minutes": round((time.time() - started) / 60, 1)}
     with open(os.path.join(args.out, "train_log.json"), "w") as f:

@@ -118,7 +118,10 @@ class ServerPool:
             name = f"{self.started:02d}-{os.path.basename(model_path)}-{algorithm}.log"
             # One core and one torch thread per server (servers alternate between the cores):
             # two OpenMP threads per process on a shared 2-core machine make every matmul spin.
-            core = {"SGLANG_CPU_OMP_THREADS_BIND": str(self.started % (os.cpu_count() or 1))}
+            # NEMODIFF_TEST_CORES (e.g. "0") keeps the servers off cores busy with other work.
+            cores = os.environ.get("NEMODIFF_TEST_CORES", "").split(",") if os.environ.get(
+                "NEMODIFF_TEST_CORES") else [str(c) for c in range(os.cpu_count() or 1)]
+            core = {"SGLANG_CPU_OMP_THREADS_BIND": cores[self.started % len(cores)]}
             server = ManagedServer(model_path, algorithm, [*CPU_ARGS, *extra],
                                    log_path=str(self.log_dir / name),
                                    env={**os.environ, **SERVER_ENV, **core, **env})

@@ -226,6 +226,20 @@ def new_adapter(model: NLDReference, rank: int, seed: int) -> DraftLoRA:
                      alpha=float(rank), seed=seed)
 
 
+def load_adapter(lora: DraftLoRA, path: str) -> None:
+    """Continue training from a saved adapter (PEFT layout, as DraftLoRA.save writes it)."""
+    import os
+
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    with torch.no_grad():
+        for i in range(lora.A.shape[0]):
+            key = f"base_model.model.encoder.layers.{i}.self_attn.o_proj"
+            lora.A[i].copy_(tensors[f"{key}.lora_A.weight"].float())
+            lora.B[i].copy_(tensors[f"{key}.lora_B.weight"].float())
+
+
 def eval_batches(seqs, block_size: int, mask_id: int, n_blocks: int, seed: int, per_batch: int = 32):
     rng = random.Random(seed)
     seeds = block_seeds(seqs)
