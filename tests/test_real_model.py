@@ -116,10 +116,9 @@ def test_linearspec_samples_ar_distribution(server_pool, smol):
     not rejected against AR's exact pair distribution; the same samples are rejected against the
     distribution at T=1.0 (negative control: the test has the power to fail)."""
     from sglang_nemodiff.reference import NLDReference
-
-    path, tokenizer, _ = smol
     from sglang_nemodiff.tools.chat_prompts import chat_ids
 
+    path, tokenizer, _ = smol
     prompt = chat_ids(tokenizer, "Write a short poem about the sea.")
     reference = NLDReference.from_pretrained(path)
     server = linearspec(server_pool, path)
