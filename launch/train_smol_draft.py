@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--eval-blocks", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed-slot", choices=("causal", "bidirectional"), default="causal",
+                        help="how the draft pass runs the seed row (config.py: causal_seed)")
     parser.add_argument("--init", default=None,
                         help="continue from this adapter directory (PEFT layout) instead of a new one")
     args = parser.parse_args()
@@ -90,7 +92,9 @@ def main() -> None:
     t0 = time.time()
     dc.teacher_pass(model, train_seqs + held_seqs)
     log(f"teacher pass {time.time() - t0:.0f} s")
-    evals = dc.eval_batches(held_seqs, args.block_size, mask_id, args.eval_blocks, seed=args.seed + 1)
+    causal_seed = args.seed_slot == "causal"
+    evals = dc.eval_batches(held_seqs, args.block_size, mask_id, args.eval_blocks, seed=args.seed + 1,
+                            causal_seed=causal_seed)
     lora = dc.new_adapter(model, args.rank, args.seed)
     if args.init:
         dc.load_adapter(lora, args.init)
@@ -98,7 +102,7 @@ def main() -> None:
     best, history = dc.train(model, lora, train_seqs, evals, minutes=args.minutes,
                              blocks_per_step=args.blocks_per_step, block_size=args.block_size,
                              lr=args.lr, tau=args.tau, mask_id=mask_id, seed=args.seed,
-                             eval_every_minutes=args.eval_every, log=log)
+                             eval_every_minutes=args.eval_every, causal_seed=causal_seed, log=log)
     lora.load_state_dict(best)
     lora.save(args.out, dtype=torch.bfloat16)  # what ships: half the size, same drafts to within rounding
     previous = None

@@ -6,7 +6,8 @@ DLLM_EXTEND block passes) write the new K/V into the pool as the parent does, th
 `structured_attention` over SGLang's paged pool: the prefix of request b is read through
 `req_to_token[req_pool_indices[b], :extend_prefix_lens[b]]`, the new tokens from `k`/`v` directly.
 Mask kind per layer: CAUSAL for DECODER layers (the model's `attn`), BLOCK_BIDIRECTIONAL for
-ENCODER_ONLY layers (the model's `attn_bidir`: the block sees the cached prefix and all of itself).
+ENCODER_ONLY layers (the model's `attn_bidir`: the block sees the cached prefix and all of itself),
+SEED_CAUSAL for an `attn_bidir` the model marked `nemodiff_seed_causal` (config.py: causal_seed).
 
 Where it runs: on CUDA the Triton kernel; on CPU the Triton kernel only under `TRITON_INTERPRET=1`
 (Triton has no CPU backend otherwise), else `structured_attention_reference` (plain PyTorch).
@@ -30,6 +31,7 @@ from sglang_nemodiff.kernels.dispatch import triton_interpreting
 from sglang_nemodiff.kernels.structured_attention import (
     BLOCK_BIDIRECTIONAL,
     CAUSAL,
+    SEED_CAUSAL,
     structured_attention,
     structured_attention_reference,
 )
@@ -89,7 +91,7 @@ class NemodiffAttnBackend(TorchNativeAttnBackend):
     @staticmethod
     def mask_kind(layer: RadixAttention, forward_batch: ForwardBatch) -> int:
         if layer.attn_type == AttentionType.ENCODER_ONLY:
-            return BLOCK_BIDIRECTIONAL
+            return SEED_CAUSAL if getattr(layer, "nemodiff_seed_causal", False) else BLOCK_BIDIRECTIONAL
         if (layer.attn_type == AttentionType.DECODER_BIDIRECTIONAL
                 and forward_batch.forward_mode.is_dllm_extend()):
             return BLOCK_BIDIRECTIONAL  # as SGLang's triton backend treats it

@@ -58,6 +58,7 @@ class NemotronLabsDiffusionConfig(PretrainedConfig):
         dlm_paradigm: str = "bidirectional",
         ar_mode: bool = False,
         shift_logits: bool = False,
+        causal_seed: bool = False,
         bos_token_id: int = 1,
         eos_token_id: int = 11,
         pad_token_id: int | None = None,
@@ -97,6 +98,14 @@ class NemotronLabsDiffusionConfig(PretrainedConfig):
         # as the AR head does. The model classes turn either into per-slot logits (model.py,
         # reference/model.py), so every algorithm reads "slot j's prediction" the same way.
         self.shift_logits = bool(shift_logits)
+        # How a bidirectional pass runs the block's seed (slot 0, a committed token). False (NLD
+        # checkpoints): like every slot, it sees the whole block (and runs the draft adapter in a
+        # draft pass). True (converted AR models): it attends causally (the prefix and itself) with
+        # the base weights, so its K/V are the committed ones and, with the shifted convention, its
+        # output is AR's own prediction for slot 1: the first draft is always right at T = 0. The
+        # masks still see the seed and each other. The draft adapter must be trained this way
+        # (tools/distill_chat.py: causal_seed).
+        self.causal_seed = bool(causal_seed)
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,

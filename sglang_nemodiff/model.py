@@ -9,6 +9,11 @@ is a DLLM_EXTEND batch and the algorithm has not asked for a causal pass. Algori
 forward through `model.pass_options` (shared by all layers; SGLang may hand the model a copy of
 the ForwardBatch, so a flag on the batch would not reach it). The draft-only LoRA on `o_proj`
 runs when `pass_options.draft_lora` is set.
+
+With `causal_seed` (config.py) `attn_bidir` is marked `nemodiff_seed_causal`: the attention
+backends (attention_backend.py, patches/torch_native_extend.py) keep each block's first row causal,
+and the draft LoRA skips those rows (`pass_options.seed_rows`), so the seed runs exactly as in a
+causal pass while the masks see it.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ class PassOptions:
         self.ar_mode = ar_mode  # the checkpoint's `ar_mode` flag: every pass causal
         self.causal: Optional[bool] = None  # None: causal unless a DLLM_EXTEND batch
         self.draft_lora = False
+        # Bidirectional passes of a causal_seed model: [T] bool, True on each block's seed row
+        # (set by the model per forward).
+        self.seed_rows: Optional[torch.Tensor] = None
 
     def uses_causal_attention(self, forward_batch: ForwardBatch) -> bool:
         if self.ar_mode:
@@ -96,6 +104,25 @@ def capturing_cuda_graph() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+SEED_CAUSAL_BACKENDS = ("torch_native", "nemodiff")
+
+
+def check_seed_causal_backend() -> None:
+    """A causal_seed checkpoint's draft pass needs a per-row mask only these backends draw; any
+    other would run the seed bidirectionally and silently degrade the drafts."""
+    from sglang.srt.runtime_context import attention_backends
+
+    try:
+        chosen = {b for b in attention_backends() if b}
+    except (ValueError, AttributeError):  # no server context (unit tests build the model bare)
+        return
+    unsupported = sorted(chosen - set(SEED_CAUSAL_BACKENDS))
+    if unsupported:
+        raise ValueError(f"This checkpoint sets causal_seed (its draft adapter runs the block's seed "
+                         f"causally); attention backend {unsupported[0]!r} cannot draw that mask: "
+                         f"use --attention-backend {' or '.join(SEED_CAUSAL_BACKENDS)}")
+
+
 class NLDAttention(nn.Module):
     def __init__(self, config, layer_id: int, pass_options: PassOptions, quant_config=None,
                  prefix: str = ""):
@@ -134,6 +161,7 @@ class NLDAttention(nn.Module):
         self.attn_bidir = RadixAttention(self.num_heads, self.head_dim, scaling,
                                          attn_type=AttentionType.ENCODER_ONLY,
                                          prefix=f"{prefix}.attn_bidir", **common)
+        self.attn_bidir.nemodiff_seed_causal = bool(getattr(config, "causal_seed", False))
         self.draft_lora_a: Optional[RowParallelLinear] = None  # set by load_draft_lora
         self.draft_lora_b: Optional[ReplicatedLinear] = None
         self.draft_lora_scale = 0.0
@@ -166,10 +194,16 @@ class NLDAttention(nn.Module):
         attn = self.attn if self.pass_options.uses_causal_attention(forward_batch) else self.attn_bidir
         attn_out = attn(q, k, v, forward_batch)
         draft = self.pass_options.draft_lora
+        seed_rows = self.pass_options.seed_rows if draft else None
         out, _ = (self.draft_o_proj if draft and self.draft_o_proj is not None else self.o_proj)(attn_out)
+        if draft and self.draft_o_proj is not None and seed_rows is not None:
+            base, _ = self.o_proj(attn_out[seed_rows])  # seeds run the base weights
+            out[seed_rows] = base
         if self.draft_lora_a is not None and draft:
             low_rank, _ = self.draft_lora_a(attn_out)
             delta, _ = self.draft_lora_b(low_rank)
+            if seed_rows is not None:
+                delta = delta.masked_fill(seed_rows[:, None], 0.0)
             out = out + delta * self.draft_lora_scale
         return out
 
@@ -242,6 +276,8 @@ class NemotronLabsDiffusionModel(nn.Module):
         self.config = config
         self.quant_config = quant_config
         self.pass_options = PassOptions(ar_mode=bool(getattr(config, "ar_mode", False)))
+        if getattr(config, "causal_seed", False) and not self.pass_options.ar_mode:
+            check_seed_causal_backend()
         self.graph_guard = GraphPassGuard()
         self.encoder = NLDEncoder(config, self.pass_options, quant_config)
         if getattr(config, "tie_word_embeddings", False):
@@ -260,7 +296,15 @@ class NemotronLabsDiffusionModel(nn.Module):
     def forward(self, input_ids, positions, forward_batch: ForwardBatch, input_embeds=None, **kwargs):
         if capturing_cuda_graph():
             self.graph_guard.record(forward_batch.forward_mode, self.pass_options.kind(forward_batch))
-        hidden = self.encoder(input_ids, positions, forward_batch, input_embeds)
+        options = self.pass_options
+        if self.config.causal_seed and not options.uses_causal_attention(forward_batch):
+            # Each request's block starts at a multiple of B (DLLM_EXTEND blocks are uniform).
+            block = input_ids.numel() // forward_batch.batch_size
+            options.seed_rows = torch.arange(input_ids.numel(), device=input_ids.device) % block == 0
+        try:
+            hidden = self.encoder(input_ids, positions, forward_batch, input_embeds)
+        finally:
+            options.seed_rows = None
         out = self.logits_processor(input_ids, hidden, self.diffusion_head, forward_batch)
         if (self.config.shift_logits and out.full_logits is not None
                 and not self.pass_options.uses_causal_attention(forward_batch)):

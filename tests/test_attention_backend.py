@@ -213,6 +213,12 @@ def test_mask_kinds():
     assert kind(AttentionType.DECODER, ForwardMode.EXTEND) == CAUSAL
     assert kind(AttentionType.ENCODER_ONLY, ForwardMode.DLLM_EXTEND) == BLOCK_BIDIRECTIONAL
     assert kind(AttentionType.ENCODER_ONLY, ForwardMode.EXTEND) == BLOCK_BIDIRECTIONAL
+    from sglang_nemodiff.kernels.structured_attention import SEED_CAUSAL
+
+    marked = _layer(AttentionType.ENCODER_ONLY)
+    marked.nemodiff_seed_causal = True  # a causal_seed model's attn_bidir (model.py)
+    assert NemodiffAttnBackend.mask_kind(
+        marked, SimpleNamespace(forward_mode=ForwardMode.DLLM_EXTEND)) == SEED_CAUSAL
 
 
 def test_cli_and_server_args_keep_nemodiff(tmp_path):

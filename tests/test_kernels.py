@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from sglang_nemodiff.kernels import (
     BLOCK_BIDIRECTIONAL,
     CAUSAL,
+    SEED_CAUSAL,
     build_mask,
     confidence_argmax,
     confidence_argmax_reference,
@@ -142,6 +143,7 @@ CASES = {
     "causal": ([CAUSAL] * 3, [0, 9, 37], [5, 19, 12]),
     "bidir": ([BLOCK_BIDIRECTIONAL] * 3, [13, 0, 33], [7, 16, 3]),
     "mixed": ([BLOCK_BIDIRECTIONAL, CAUSAL, BLOCK_BIDIRECTIONAL], [21, 6, 0], [20, 9, 17]),
+    "seed_causal": ([SEED_CAUSAL, SEED_CAUSAL, CAUSAL], [11, 0, 25], [16, 9, 8]),
 }
 
 
@@ -206,8 +208,12 @@ def test_build_mask_semantics():
                                                  [True, True, True, False],
                                                  [True, True, True, True]]
     assert build_mask(BLOCK_BIDIRECTIONAL, 2, 3).all()
+    # the seed (row 0) sees the prefix and itself; the other rows see everything
+    assert build_mask(SEED_CAUSAL, 1, 3).tolist() == [[True, True, False, False],
+                                                      [True, True, True, True],
+                                                      [True, True, True, True]]
     with pytest.raises(ValueError):
-        build_mask(2, 1, 3)
+        build_mask(3, 1, 3)
 
 
 @pytest.mark.parametrize("kind", [CAUSAL, BLOCK_BIDIRECTIONAL], ids=["causal", "bidir"])

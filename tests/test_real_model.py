@@ -68,7 +68,7 @@ def test_conversion(smol):
     config = json.load(open(os.path.join(path, "config.json")))
     assert config["model_type"] == "nemotron_labs_diffusion"
     assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 100000.0}
-    assert config["tie_word_embeddings"] and config["shift_logits"]
+    assert config["tie_word_embeddings"] and config["shift_logits"] and config["causal_seed"]
     mask = tokenizer.convert_ids_to_tokens(config["mask_token_id"])
     assert config["mask_token_id"] == pick_mask_token(tokenizer)
     assert mask not in tokenizer.chat_template and config["mask_token_id"] != config["eos_token_id"]

@@ -74,3 +74,83 @@ def test_served_equals_oracle(server_pool, shifted_checkpoint, shifted_reference
         assert [r["output_ids"] for r in responses] == \
             [ar_generate(shifted_reference, ids, 40, eos_id=11).tokens for ids in prompts]
     assert generate(server, prompts[0], 8)["output_ids"] == expected[0].tokens[:8]
+
+
+# ----- causal_seed: the seed row of a bidirectional pass runs causally with the base weights -----
+
+@pytest.fixture(scope="module")
+def seed_causal_checkpoint(tmp_path_factory):
+    from sglang_nemodiff.checkpoint import write_random_checkpoint
+
+    return write_random_checkpoint(str(tmp_path_factory.mktemp("seedcausal") / "tiny-seed-causal"),
+                                   seed=3, lora_rank=8, causal_seed=True, **CONVERTED_LAYOUT)
+
+
+@pytest.fixture(scope="module")
+def seed_causal_reference(seed_causal_checkpoint):
+    return NLDReference.from_pretrained(seed_causal_checkpoint)
+
+
+def test_causal_seed_row_is_ar(seed_causal_reference, prompts):
+    """The seed's output in a draft pass is the causal pass's (AR's next token); the masks still
+    see the seed (negative control: the same block without causal_seed gives other seed logits)."""
+    from sglang_nemodiff.reference.model import KVCache
+
+    ref = seed_causal_reference
+    mask_id = ref.config.mask_token_id
+    cache = KVCache()
+    cache.append(ref(torch.tensor(prompts[2]), cache)[1])
+    block = torch.full((8,), mask_id)
+    block[0] = prompts[2][-1]
+    causal, _ = ref(block[:1], cache, causal=True)
+    draft, draft_kv = ref(block, cache, causal=False, use_draft_lora=True)
+    _, causal_kv = ref(block[:1], cache, causal=True)
+    # slot 1's prediction (shifted: raw row 0) is AR's, and the seed's K/V are the committed ones
+    assert torch.allclose(draft[1], causal[0], atol=1e-5)
+    assert all(torch.allclose(d[0][:, :1], c[0], atol=1e-5) for d, c in zip(draft_kv, causal_kv))
+    ref.config.causal_seed = False
+    try:
+        open_seed, _ = ref(block, cache, causal=False, use_draft_lora=True)
+    finally:
+        ref.config.causal_seed = True
+    assert not torch.allclose(open_seed[1], causal[0], atol=1e-3)
+
+
+def test_causal_seed_first_draft_always_accepted(seed_causal_checkpoint, seed_causal_reference,
+                                                 prompts):
+    """Greedy LinearSpec: every round accepts at least the first draft; output stays AR's
+    (negative control: without causal_seed some rounds reject their first draft)."""
+    open_seed = NLDReference.from_pretrained(seed_causal_checkpoint, causal_seed=False)
+    with_seed, without = [], []
+    for ids in prompts[:4]:
+        result = linearspec_generate(seed_causal_reference, ids, 32, eos_id=11, block_size=8)
+        assert result.tokens == ar_generate(seed_causal_reference, ids, 32, eos_id=11).tokens
+        with_seed += result.accept_lengths
+        without += linearspec_generate(open_seed, ids, 32, eos_id=11, block_size=8).accept_lengths
+    assert min(with_seed) >= 1
+    assert min(without) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch_native", "nemodiff"])
+def test_causal_seed_served_equals_oracle(server_pool, seed_causal_checkpoint, seed_causal_reference,
+                                          prompts, backend):
+    """Both attention backends that draw the seed-causal mask serve == the oracle, forwards
+    included (the forwards depend on every round's accepted drafts)."""
+    server = server_pool.get(seed_causal_checkpoint, "linearspec", "--attention-backend", backend)
+    expected = [linearspec_generate(seed_causal_reference, ids, 40, eos_id=11) for ids in prompts]
+    responses = generate_many(server, prompts, 40)
+    assert [r["output_ids"] for r in responses] == [e.tokens for e in expected]
+    assert [meta(r, "nemodiff_forwards") for r in responses] == [e.forwards for e in expected]
+
+
+def test_causal_seed_refuses_a_backend_without_the_mask(monkeypatch):
+    import sglang.srt.runtime_context as runtime_context
+
+    from sglang_nemodiff.model import check_seed_causal_backend
+
+    monkeypatch.setattr(runtime_context, "attention_backends", lambda: ("nemodiff", "torch_native"))
+    check_seed_causal_backend()
+    monkeypatch.setattr(runtime_context, "attention_backends", lambda: ("triton", "triton"))
+    with pytest.raises(ValueError, match="causal_seed.*'triton'"):
+        check_seed_causal_backend()

@@ -3,7 +3,8 @@
 (`smol-draft/`, trained by `launch/train_smol_draft.py`).
 
 The converted directory lives in a cache (`$SGLANG_NEMODIFF_CACHE`, default
-`~/.cache/sglang_nemodiff`); it is rebuilt when the adapter shipped here changes.
+`~/.cache/sglang_nemodiff`); it is rebuilt when the adapter shipped here or the converter's output
+format (`convert.FORMAT_VERSION`) changes.
 """
 
 from __future__ import annotations
@@ -50,12 +51,12 @@ def _adapter_stamp() -> str:
 
 def smol_model_path(with_draft: bool = True) -> str:
     """The converted checkpoint directory, converting (~20 s) if it is missing or stale."""
-    from sglang_nemodiff.tools.convert import convert
+    from sglang_nemodiff.tools.convert import FORMAT_VERSION, convert
 
     stamp = _adapter_stamp() if with_draft else "none"
     out = os.path.join(cache_dir(), SMOL_NAME if with_draft else SMOL_NAME + "-base")
     stamp_file = os.path.join(out, ".nemodiff-source")
-    expected = f"{GGUF_SHA256} {stamp}"
+    expected = f"{GGUF_SHA256} {stamp} v{FORMAT_VERSION}"
     if os.path.exists(stamp_file) and open(stamp_file).read().strip() == expected:
         return out
     source = gguf_path()

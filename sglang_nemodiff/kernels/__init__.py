@@ -17,6 +17,7 @@ from .confidence import (
 from .structured_attention import (
     BLOCK_BIDIRECTIONAL,
     CAUSAL,
+    SEED_CAUSAL,
     attention_launch_shape,
     build_mask,
     plan_num_splits,
@@ -32,6 +33,7 @@ __all__ = [
     "speculative_accept_reference",
     "CAUSAL",
     "BLOCK_BIDIRECTIONAL",
+    "SEED_CAUSAL",
     "build_mask",
     "plan_num_splits",
     "attention_launch_shape",

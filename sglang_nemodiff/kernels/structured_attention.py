@@ -7,6 +7,8 @@ one launch, without a dense mask tensor:
   FastDiffuser KV refresh).
 * ``BLOCK_BIDIRECTIONAL`` (1): every new token sees the prefix and all new tokens of its request
   (FastDiffuser denoise, LinearSpec draft).
+* ``SEED_CAUSAL`` (2): block-bidirectional, except that new token 0 (the block's seed) sees only
+  the prefix and itself (the draft pass of models with ``causal_seed``, config.py).
 
 Layout follows SGLang's extend attention: queries/new K/V of all requests are concatenated along
 the token axis (``extend_start_loc``/``extend_lens``), the cached prefix of request b lives at
@@ -47,6 +49,8 @@ from .dispatch import triton_interpreting
 
 CAUSAL = 0
 BLOCK_BIDIRECTIONAL = 1
+SEED_CAUSAL = 2
+MASK_KINDS = (CAUSAL, BLOCK_BIDIRECTIONAL, SEED_CAUSAL)
 
 _LOG2E = 1.4426950408889634
 # Finite "minus infinity" for the running max / empty-split lse (avoids inf - inf = nan).
@@ -160,14 +164,16 @@ def _structured_attn_fwd(
     if pid_s == NUM_SPLITS - 1:
         kind = tl.load(Mask_kinds + b).to(tl.int32)
         m_hi = tl.minimum(m_start + BLOCK_M, ext_len) - 1  # last real token of this tile
-        # Visible new-token keys: causal [0, m_hi], block-bidirectional all of them.
+        # Visible new-token keys: causal [0, m_hi], the other kinds all of them.
         e_hi = tl.where(kind == 0, m_hi + 1, ext_len)
         i2 = m_idx[:, None]
         for start in range(0, e_hi, BLOCK_N):
             cols = start + offs_n
             c_ok = cols < e_hi
             j2 = cols[None, :]
-            vis = ((kind != 0) | (j2 <= i2)) & c_ok[None, :]
+            # Row i sees key j if j <= i; BLOCK_BIDIRECTIONAL every key; SEED_CAUSAL every key
+            # from rows i > 0 (row 0, the seed, stays causal).
+            vis = ((kind == 1) | (j2 <= i2) | ((kind == 2) & (i2 > 0))) & c_ok[None, :]
             ktok = ext_start + cols.to(tl.int64)
             kv_mask = c_ok[:, None] & d_ok[None, :]
             k = tl.load(K_new + ktok[:, None] * stride_knt + kvh * stride_knh + offs_d[None, :],
@@ -262,7 +268,7 @@ def _as_kind_tensor(mask_kind, batch: int, device) -> torch.Tensor:
         assert mask_kind.shape == (batch,), "mask_kind tensor must be [B]"
         return mask_kind.to(device=device, dtype=torch.int32).contiguous()
     kind = int(mask_kind)
-    assert kind in (CAUSAL, BLOCK_BIDIRECTIONAL), f"unknown mask kind {kind}"
+    assert kind in MASK_KINDS, f"unknown mask kind {kind}"
     return torch.full((batch,), kind, dtype=torch.int32, device=device)
 
 
@@ -379,6 +385,9 @@ def build_mask(kind: int, prefix_len: int, extend_len: int, device=None) -> torc
         new = j <= i
     elif kind == BLOCK_BIDIRECTIONAL:
         new = torch.ones(extend_len, extend_len, dtype=torch.bool, device=device)
+    elif kind == SEED_CAUSAL:
+        new = torch.ones(extend_len, extend_len, dtype=torch.bool, device=device)
+        new[0, 1:] = False
     else:
         raise ValueError(f"unknown mask kind {kind}")
     pre = torch.ones(extend_len, prefix_len, dtype=torch.bool, device=device)

@@ -6,7 +6,11 @@ B x L are needed (the bundled model at concurrency 8: 65% of the server's time i
 function, and an AR step taken as a 1-token block ran at 0.68x AR decode). Here each request's
 B queries attend over its L keys directly, with an explicit causal mask when the layer is causal
 (query i sees keys up to prefix + i) and none when it is bidirectional. Same math, rows computed
-once. AR mode keeps the stock function (its output is the accuracy reference)."""
+once. AR mode keeps the stock function (its output is the accuracy reference).
+
+A bidirectional layer the model marked `nemodiff_seed_causal` (config.py: causal_seed) keeps its
+first query row (the block's seed) causal: `forward_extend` is wrapped to hand that mark, which
+only the layer carries, to the extend function for the duration of the call."""
 
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-TARGETS = ("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend",)
+TARGETS = ("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend",
+           "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend")
 
 
 @functools.lru_cache(maxsize=1)  # one server per process: its algorithm never changes
@@ -44,12 +49,26 @@ def run_sdpa_forward_extend(original, backend, query, output, k_cache, v_cache, 
                         scaling=scaling, enable_gqa=enable_gqa, causal=causal,
                         is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size)
     return sdpa_extend(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-                       extend_prefix_lens, extend_seq_lens, scaling, enable_gqa, causal)
+                       extend_prefix_lens, extend_seq_lens, scaling, enable_gqa, causal,
+                       seed_causal=getattr(backend, "_nemodiff_seed_causal", False))
+
+
+def forward_extend(original, backend, q, k, v, layer, forward_batch, save_kv_cache=True):
+    seed_causal = getattr(layer, "nemodiff_seed_causal", False)
+    if not seed_causal:
+        return original(backend, q, k, v, layer, forward_batch, save_kv_cache)
+    backend._nemodiff_seed_causal = True
+    try:
+        return original(backend, q, k, v, layer, forward_batch, save_kv_cache)
+    finally:
+        backend._nemodiff_seed_causal = False
 
 
 def sdpa_extend(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-                extend_prefix_lens, extend_seq_lens, scaling=None, enable_gqa=False, causal=False):
-    """Each request's extend queries [q_len] over its keys [kv_len] (prefix + extend)."""
+                extend_prefix_lens, extend_seq_lens, scaling=None, enable_gqa=False, causal=False,
+                seed_causal=False):
+    """Each request's extend queries [q_len] over its keys [kv_len] (prefix + extend);
+    `seed_causal` (a bidirectional pass only): query 0 sees the prefix and itself."""
     query = query.movedim(0, query.dim() - 2)  # [H, tokens, D]
     start_q = 0
     for seq_idx, (q_len, prefix, kv_len) in enumerate(
@@ -65,6 +84,9 @@ def sdpa_extend(query, output, k_cache, v_cache, req_to_token, req_pool_indices,
         if causal and q_len > 1:  # one query (an AR step, B = 1) sees every key: no mask
             q_pos = torch.arange(prefix, prefix + q_len, device=query.device)
             mask = torch.arange(kv_len, device=query.device)[None, :] <= q_pos[:, None]
+        elif seed_causal and q_len > 1:
+            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
+            mask[0, prefix + 1:] = False
         out = scaled_dot_product_attention(per_req_query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0),
                                            attn_mask=mask, enable_gqa=enable_gqa, scale=scaling)
         output[start_q:end_q] = out.squeeze(0).movedim(query.dim() - 2, 0)
@@ -74,3 +96,4 @@ def sdpa_extend(query, output, k_cache, v_cache, req_to_token, req_pool_indices,
 
 def apply() -> None:
     HookRegistry.register(TARGETS[0], run_sdpa_forward_extend, HookType.AROUND)
+    HookRegistry.register(TARGETS[1], forward_extend, HookType.AROUND)

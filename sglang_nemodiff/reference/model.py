@@ -203,6 +203,11 @@ class NLDReference(nn.Module):
         allowed = torch.ones(T, past + T, dtype=torch.bool, device=input_ids.device)
         if causal:
             allowed[:, past:] = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+        # causal_seed (config.py): the seed row of a bidirectional pass attends causally and
+        # runs the base weights.
+        seed_causal = c.causal_seed and not causal
+        if seed_causal:
+            allowed[0, past + 1:] = False
         h = self.embed_tokens(input_ids)
         new_kv = []
         for i, layer in enumerate(self.layers):
@@ -228,7 +233,10 @@ class NLDReference(nn.Module):
             out = layer.o_proj(attn)
             if use_draft_lora and self.draft_lora is not None:
                 a, b = self.draft_lora[i]
-                out = out + (attn @ a.t() @ b.t()) * self.draft_lora_scale
+                delta = (attn @ a.t() @ b.t()) * self.draft_lora_scale
+                if seed_causal:
+                    delta[0] = 0
+                out = out + delta
             h = h + out
             x = rms_norm(h, layer.post_attention_layernorm, c.rms_norm_eps)
             h = h + layer.down_proj(F.silu(layer.gate_proj(x)) * layer.up_proj(x))

@@ -7,7 +7,8 @@ The weights are read by transformers (its GGUF loader dequantizes with `gguf` an
 llama.cpp's Q/K permutation), so AR mode of the converted model is the source model: the same
 tensors under the NLD names (`encoder.*`), a tied head, the source's RoPE as it is (plain RoPE stays
 plain: no YaRN, no Llama-4 query scaling), and the tokenizer with its chat template. The draft
-convention of converted AR models is the shifted one (`shift_logits: true`, config.py). The mask
+convention of converted AR models is the shifted one (`shift_logits: true`, config.py), with the
+block's seed run causally in draft passes (`causal_seed: true`: the first draft is AR's own). The mask
 token is one of the tokenizer's special tokens that neither the chat template nor bos/eos/pad/unk
 use (converted models never saw it: a draft adapter teaches the model what it means).
 """
@@ -25,6 +26,9 @@ from sglang_nemodiff.checkpoint import config_json
 from sglang_nemodiff.config import NemotronLabsDiffusionConfig
 
 SUPPORTED_SOURCES = ("llama",)
+# Bumped when a converted directory's contents change for the same source (cached conversions,
+# bundled/smol.py, are rebuilt): 2 = causal_seed.
+FORMAT_VERSION = 2
 
 
 def load_source(source: str, gguf_file: str | None = None):
@@ -72,7 +76,7 @@ def nld_config(source_config, mask_token_id: int, block_size: int) -> NemotronLa
         head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
         hidden_act=c.hidden_act, max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=float(c.rms_norm_eps), rope_parameters=rope, mask_token_id=mask_token_id,
-        block_size=block_size, shift_logits=True, ar_mode=False, bos_token_id=c.bos_token_id,
+        block_size=block_size, shift_logits=True, causal_seed=True, ar_mode=False, bos_token_id=c.bos_token_id,
         eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos,
         pad_token_id=c.pad_token_id, tie_word_embeddings=bool(c.tie_word_embeddings))
 

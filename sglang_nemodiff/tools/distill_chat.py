@@ -83,10 +83,17 @@ def block_seeds(seqs: list[ChatSequence]) -> list[tuple[int, int]]:
 
 
 def make_batch(seqs: list[ChatSequence], picks: list[tuple[int, int]], block_size: int,
-               mask_id: int):
+               mask_id: int, causal_seed: bool = False):
     """Blocks [N, B] (seed + masks), positions, the padded cached prefix per layer, its validity
     mask [N, L], and per slot j the teacher top-k at position p + j (slot j predicts p + j + 1;
-    -1 ids where that position is past the sequence)."""
+    -1 ids where that position is past the sequence).
+
+    `causal_seed` (config.py): the seed row runs causally with the base weights, so its K/V are
+    the committed ones and its output is AR's prediction for slot 1; the rows to train are then
+    the B - 1 masks after it, over a prefix that includes the seed."""
+    if causal_seed:
+        picks = [(i, p + 1) for i, p in picks]
+        block_size -= 1
     N, B = len(picks), block_size
     L = max(p for _, p in picks)
     layers = len(seqs[0].keys)
@@ -102,7 +109,8 @@ def make_batch(seqs: list[ChatSequence], picks: list[tuple[int, int]], block_siz
     argmax = torch.full((N, B), -1, dtype=torch.long)
     for n, (i, p) in enumerate(picks):
         s = seqs[i]
-        blocks[n, 0] = s.tokens[p]
+        if not causal_seed:
+            blocks[n, 0] = s.tokens[p]
         positions[n] = torch.arange(p, p + B)
         prefix_ok[n, :p] = True
         for layer in range(layers):
@@ -165,33 +173,36 @@ def draft_loss(model, lora, batch, mask_id: int, weights: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def teacher_forced_acceptance(model, lora, batch, mask_id: int) -> torch.Tensor:
+def teacher_forced_acceptance(model, lora, batch, mask_id: int, causal_seed: bool = False
+                              ) -> torch.Tensor:
     """Accepted drafts per block: drafts for slots 1..B-1 (rows 0..B-2) equal to the teacher's
-    argmax, counted up to the first miss (or the end of the answer)."""
+    argmax, counted up to the first miss (or the end of the answer). With `causal_seed` the
+    first draft is the seed's causal prediction, the teacher's own argmax (always accepted; every
+    seed has a token after it), and the rows are the drafts for slots 2.. ."""
     blocks, positions, past_k, past_v, prefix_ok, _, _, argmax = batch
     logits = draft_forward(model, lora, blocks, positions, past_k, past_v, prefix_ok)
     logits[..., mask_id] = float("-inf")
     drafts = logits.argmax(-1)[:, :-1]
     hits = (drafts == argmax[:, :-1]) & (argmax[:, :-1] >= 0)
-    return hits.int().cumprod(1).sum(1)
+    return hits.int().cumprod(1).sum(1) + int(causal_seed)
 
 
 def train(model: NLDReference, lora: DraftLoRA, train_seqs, eval_batches, *, minutes: float,
           blocks_per_step: int, block_size: int, lr: float, tau: float, mask_id: int, seed: int,
-          eval_every_minutes: float, log=print):
+          eval_every_minutes: float, causal_seed: bool = False, log=print):
     """AdamW on the adapter for `minutes` of training time (cosine schedule over the expected
     step count, re-estimated from the measured step time); evaluation every few minutes. Returns
     (best adapter state by held-out acceptance, history rows)."""
     rng = random.Random(seed)
     seeds = block_seeds(train_seqs)
     opt = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
-    weights = position_weights(block_size, tau)
+    weights = position_weights(block_size - int(causal_seed), tau)
     history, best, ema = [], (-1.0, None), None
     trained, step, next_eval = 0.0, 0, 0.0
     expected_steps = None
     while True:
         if trained >= next_eval * 60:
-            accepted = torch.cat([teacher_forced_acceptance(model, lora, b, mask_id)
+            accepted = torch.cat([teacher_forced_acceptance(model, lora, b, mask_id, causal_seed)
                                   for b in eval_batches]).float()
             row = {"step": step, "minutes": round(trained / 60, 2), "loss": ema,
                    "accepted": round(accepted.mean().item(), 4),
@@ -205,7 +216,7 @@ def train(model: NLDReference, lora: DraftLoRA, train_seqs, eval_batches, *, min
                 break
         t0 = time.time()
         picks = [seeds[rng.randrange(len(seeds))] for _ in range(blocks_per_step)]
-        batch = make_batch(train_seqs, picks, block_size, mask_id)
+        batch = make_batch(train_seqs, picks, block_size, mask_id, causal_seed)
         if expected_steps is None and step == 5:
             expected_steps = max(10, int(minutes * 60 / (trained / 5)))
         for g in opt.param_groups:
@@ -240,11 +251,12 @@ def load_adapter(lora: DraftLoRA, path: str) -> None:
             lora.B[i].copy_(tensors[f"{key}.lora_B.weight"].float())
 
 
-def eval_batches(seqs, block_size: int, mask_id: int, n_blocks: int, seed: int, per_batch: int = 32):
+def eval_batches(seqs, block_size: int, mask_id: int, n_blocks: int, seed: int, per_batch: int = 32,
+                 causal_seed: bool = False):
     rng = random.Random(seed)
     seeds = block_seeds(seqs)
     picks = rng.sample(seeds, min(n_blocks, len(seeds)))
-    return [make_batch(seqs, picks[i:i + per_batch], block_size, mask_id)
+    return [make_batch(seqs, picks[i:i + per_batch], block_size, mask_id, causal_seed)
             for i in range(0, len(picks), per_batch)]
 
 
