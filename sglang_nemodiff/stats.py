@@ -16,8 +16,13 @@ from typing import Optional
 
 logger = logging.getLogger("sglang_nemodiff")
 
-META_KEYS = ("nemodiff_algorithm", "nemodiff_forwards", "nemodiff_tokens_per_forward",
-             "nemodiff_blocks", "nemodiff_blocks_per_size", "nemodiff_accept_length")
+META_KEYS = ("nemodiff_algorithm", "nemodiff_forwards", "nemodiff_forwards_per_pass",
+             "nemodiff_tokens_per_forward", "nemodiff_blocks", "nemodiff_blocks_per_size",
+             "nemodiff_accept_length")
+# The kinds of forward a request takes part in (`RoundResult.passes`): the causal prompt pass, a
+# LinearSpec round's draft and verify passes, a FastDiffuser round's denoise passes and its causal
+# refresh, a B = 1 round's AR steps.
+PASS_KINDS = ("prefill", "draft", "verify", "denoise", "refresh", "ar_step")
 LOG_INTERVAL_S = 10.0
 
 
@@ -34,7 +39,7 @@ class TokenLogprobs:
 class RoundResult:
     """One request's share of one forward round."""
 
-    forwards: int  # forwards spent on the request in this round
+    passes: tuple  # ((pass kind, forwards), ...): the forwards the request took part in
     tokens: int  # tokens emitted
     keep: Optional[int] = None  # block rounds: leading block slots whose causal KV is kept
     accepted: Optional[int] = None  # LinearSpec: drafts accepted
@@ -42,6 +47,14 @@ class RoundResult:
     logprobs: Optional[TokenLogprobs] = None
     slots: Optional[int] = None  # block slots the round placed, if not block_size (AR steps)
     steps: int = 1  # blocks of block_size the round counts as (a B = 1 round: its AR steps)
+
+    def __post_init__(self):
+        unknown = [kind for kind, _ in self.passes if kind not in PASS_KINDS]
+        assert not unknown, f"unknown pass kind(s) {unknown}"
+
+    @property
+    def forwards(self) -> int:
+        return sum(n for _, n in self.passes)
 
     @property
     def placed(self) -> Optional[int]:
@@ -62,9 +75,13 @@ class RequestStats:
     accepted: int = 0
     drafted: bool = False
     block_sizes: dict = field(default_factory=dict)  # block size -> blocks
+    passes: dict = field(default_factory=dict)  # pass kind -> forwards
 
     def add(self, result: RoundResult) -> None:
         self.forwards += result.forwards
+        for kind, n in result.passes:
+            if n:
+                self.passes[kind] = self.passes.get(kind, 0) + n
         if result.is_block:
             self.blocks += result.steps
             self.block_sizes[result.block_size] = self.block_sizes.get(result.block_size, 0) + result.steps
@@ -76,6 +93,7 @@ class RequestStats:
         values = {
             "nemodiff_algorithm": self.mode,
             "nemodiff_forwards": self.forwards,
+            "nemodiff_forwards_per_pass": dict(sorted(self.passes.items())),
             "nemodiff_tokens_per_forward": round(tokens / max(self.forwards, 1), 4),
             "nemodiff_blocks": self.blocks,
             "nemodiff_blocks_per_size": {str(b): n for b, n in sorted(self.block_sizes.items())},
@@ -86,11 +104,13 @@ class RequestStats:
         return values
 
 
-def publish_stats(req) -> None:
-    """Attach the final stats to the request's meta_info (request-level customized info)."""
+def publish_stats(req) -> int:
+    """Attach the final stats to the request's meta_info (request-level customized info);
+    returns the request's output tokens."""
     tokens = len(req.output_ids) if req.finished_len is None else req.finished_len
     values = req.nemodiff_stats.meta_info(tokens)
     req.customized_info = {**(req.customized_info or {}), **{k: [v] for k, v in values.items()}}
+    return tokens
 
 
 @dataclass

@@ -24,11 +24,13 @@ MAX_NEW = 48
 
 MERGED = "tp2-fastdiffuser"  # the case served from the rank-32 (merged) adapter, denoise_lora on
 
+METRICS = ("--enable-metrics",)  # test_metrics_count_each_request_once
+
 CASES = {  # case: (mode, parallel flags); LinearSpec at the oracle's fixed 32-token blocks
-    "tp2-ar": ("ar", ("--tp", "2")),
-    "tp2-linearspec": ("linearspec", ("--tp", "2")),
-    MERGED: ("fastdiffuser", ("--tp", "2", *DENOISE_LORA)),
-    "dp2-linearspec": ("linearspec", ("--dp", "2")),
+    "tp2-ar": ("ar", ("--tp", "2", *METRICS)),
+    "tp2-linearspec": ("linearspec", ("--tp", "2", *METRICS)),
+    MERGED: ("fastdiffuser", ("--tp", "2", *DENOISE_LORA, *METRICS)),
+    "dp2-linearspec": ("linearspec", ("--dp", "2", *METRICS)),
     # block_size: auto (the default): rank 0's block size per round, broadcast to rank 1; AR's tokens
     "tp2-linearspec-auto": ("linearspec", ("--tp", "2")),
 }
@@ -144,3 +146,73 @@ def test_draft_lora_matters_and_every_rank_serves(parallel_server, lora_referenc
         loads = requests.get(parallel_server.url + "/v1/loads", timeout=60).json()["loads"]
         assert sorted(load["dp_rank"] for load in loads) == [0, 1]
         assert all(load["total_prefill_uncached_tokens"] > 0 for load in loads), loads
+
+
+def scrape(server) -> dict:
+    """/metrics as {(sample name, frozenset of labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(server.url + "/metrics", timeout=60).text
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def nemodiff_deltas(before: dict, after: dict) -> dict:
+    """The plugin's samples that moved, by (name, labels without model_name/algorithm)."""
+    out = {}
+    for (name, labels), value in after.items():
+        if name.startswith("nemodiff_") and not name.endswith("_created"):
+            moved = value - before.get((name, labels), 0.0)
+            rest = frozenset((k, v) for k, v in labels if k not in ("model_name", "algorithm"))
+            if moved:
+                out[(name, rest)] = moved
+    return out
+
+
+def test_metrics_count_each_request_once(parallel_server, parallel_prompts):
+    """With --enable-metrics the plugin's counters move by exactly the sums of the requests'
+    meta_info: under TP once (not once per rank), under DP summed over the replicas. Negative
+    control: AR mode moves no diffusion series while SGLang's own token counter moves."""
+    case, mode = parallel_server.case, parallel_server.algorithm
+    prompts = parallel_prompts[:6]
+    before = scrape(parallel_server)
+    responses = generate_many(parallel_server, prompts, MAX_NEW)
+    after = scrape(parallel_server)
+    deltas = nemodiff_deltas(before, after)
+    generated = sum(v for (name, _), v in after.items() if name == "sglang:generation_tokens_total") \
+        - sum(v for (name, _), v in before.items() if name == "sglang:generation_tokens_total")
+    completion = sum(r["meta_info"]["completion_tokens"] for r in responses)
+    assert generated == completion  # the scrape sees this server's work
+    if mode == "ar":
+        assert deltas == {}
+        return
+    labels = {k: v for (name, ls) in after for k, v in ls if name == "nemodiff_requests_total"}
+    assert labels["algorithm"] == mode and labels["model_name"]
+
+    def moved(name, **labels):
+        return deltas.get((name, frozenset(labels.items())), 0.0)
+
+    assert moved("nemodiff_requests_total") == len(prompts)
+    assert moved("nemodiff_committed_tokens_total") == completion
+    per_pass = {}
+    for r in responses:
+        for kind, n in meta(r, "nemodiff_forwards_per_pass").items():
+            per_pass[kind] = per_pass.get(kind, 0) + n
+    assert set(per_pass) == ({"prefill", "draft", "verify"} if mode == "linearspec"
+                             else {"prefill", "denoise", "refresh"})
+    assert {k: moved("nemodiff_forwards_total", pass_kind=k) for k in per_pass} == per_pass
+    assert sum(per_pass.values()) == sum(meta(r, "nemodiff_forwards") for r in responses)
+    sizes = {}
+    for r in responses:
+        for size, n in meta(r, "nemodiff_blocks_per_size").items():
+            sizes[size] = sizes.get(size, 0) + n
+    assert {s: moved("nemodiff_blocks_total", block_size=s) for s in sizes} == sizes
+    assert moved("nemodiff_tokens_per_forward_count") == len(prompts)
+    tpf = sum(meta(r, "nemodiff_tokens_per_forward") for r in responses)
+    assert abs(moved("nemodiff_tokens_per_forward_sum") - tpf) < 1e-3
+    if mode == "linearspec":
+        blocks = sum(n for size, n in sizes.items() if size != "1")  # AR steps draft nothing
+        accepted = sum((meta(r, "nemodiff_accept_length") - 1) * meta(r, "nemodiff_blocks")
+                       for r in responses)
+        assert moved("nemodiff_accepted_drafts_count") == blocks
+        assert abs(moved("nemodiff_accepted_drafts_sum") - accepted) < 1e-2 * len(prompts)

@@ -158,7 +158,7 @@ class NLDBlockAlgorithm(DllmAlgorithm):
             if sampling.wants_logprobs:
                 set_first_token_logprobs(out.logits_output,
                                          sampling.token_logprobs(logits, seeds, [1] * bs), sampling)
-            results = [RoundResult(forwards=1, tokens=1)] * bs
+            results = [RoundResult(passes=(("prefill", 1),), tokens=1)] * bs
             return out.logits_output, seeds[:, 0].tolist(), None, results, out.can_run_graph
 
         if self.eos_id is None:
@@ -182,7 +182,8 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         tokens, logprobs = self._emitted(block, keep, bonus, sampling,
                                          lambda: self.emission_logits(verify, sampling, block, fill))
         row_forwards = fill.row_forwards or [fill.forwards] * bs
-        results = [RoundResult(forwards=row_forwards[i] + 1, tokens=keep_list[i], keep=keep_list[i],
+        results = [RoundResult(passes=((self.fill_pass, row_forwards[i]), (self.commit_pass, 1)),
+                               tokens=keep_list[i], keep=keep_list[i],
                                accepted=accepted_list[i], block_size=block_size,
                                logprobs=logprobs[i])
                    for i in range(bs)]
@@ -203,6 +204,11 @@ class NLDBlockAlgorithm(DllmAlgorithm):
             emitted.scatter_(1, (keep - 1)[:, None], bonus[:, None])
             logprobs = sampling.token_logprobs(emission_logits(), emitted, keep_list)
         return tokens, logprobs
+
+    # The kinds of a block round's passes (stats.PASS_KINDS): the bidirectional ones that fill
+    # the block, then the causal one.
+    fill_pass = "draft"
+    commit_pass = "verify"
 
     # Modes whose B = 1 is AR itself (LinearSpec) take it as AR steps (ar_steps.py).
     takes_ar_steps = False
@@ -226,7 +232,7 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         policy_state, request_ids = block_policy.state(), self._request_id_list(bs)
         if policy_state is not None and request_ids is not None:
             policy_state.policy.observe_ar_round(request_ids)
-        results = [RoundResult(forwards=keep_list[i], tokens=keep_list[i], keep=keep_list[i], accepted=0,
+        results = [RoundResult(passes=(("ar_step", keep_list[i]),), tokens=keep_list[i], keep=keep_list[i], accepted=0,
                                block_size=1, slots=slots, steps=keep_list[i], logprobs=logprobs[i])
                    for i in range(bs)]
         return steps.logits_output, tokens, None, results, False

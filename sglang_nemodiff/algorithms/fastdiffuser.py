@@ -27,6 +27,7 @@ SEED_STREAM = 1 << 20  # the refresh pass's draw; denoise step s uses stream s
 
 class NemodiffFastDiffuser(NLDBlockAlgorithm):
     mode_name = "fastdiffuser"
+    fill_pass, commit_pass = "denoise", "refresh"
     supports_constrained_decoding = True
 
     def __init__(self, config):

@@ -7,7 +7,8 @@
 - A block round (DLLM_EXTEND) emits its tokens through the stock path; their logprobs (computed
   by the algorithm, `RoundResult.logprobs`) are appended first, so they stream with the tokens.
 Each request's `RoundResult` (stats.py) is stored once on the request (`req.nemodiff_round`, read
-by the KV stash) and folded into its stats (meta_info) and the scheduler's interval stats (log)."""
+by the KV stash) and folded into its stats (meta_info), the scheduler's interval stats (log) and,
+with --enable-metrics, the plugin's Prometheus metrics (metrics.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import dataclasses
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from sglang_nemodiff.algorithms import emits_first_token, mode_of
+from sglang_nemodiff.metrics import scheduler_metrics
 from sglang_nemodiff.patches.dllm_config import is_nemodiff_algorithm
 from sglang_nemodiff.stats import IntervalStats, RequestStats, TokenLogprobs
 
@@ -56,6 +58,7 @@ def process_batch_result_dllm(original, scheduler, batch, result):
     rounds = result.dllm_algo_state or [None] * batch.batch_size()
     is_block = batch.forward_mode.is_dllm_extend()
     live = []
+    metrics = scheduler_metrics(scheduler, mode_of(scheduler.dllm_config.algorithm))
     for i, (req, round_result) in enumerate(zip(batch.reqs, rounds)):
         if req.finished() or round_result is None:
             continue
@@ -63,6 +66,8 @@ def process_batch_result_dllm(original, scheduler, batch, result):
             req.nemodiff_stats = RequestStats(mode_of(scheduler.dllm_config.algorithm))
         req.nemodiff_round = round_result
         req.nemodiff_stats.add(round_result)  # before the stock path may finish and publish it
+        if metrics is not None:
+            metrics.observe_round(round_result)
         if is_block and req.return_logprob and round_result.logprobs is not None:
             _append_output_logprobs(req, round_result.logprobs, result.next_token_ids[i].tolist())
         live.append(req)
