@@ -18,7 +18,6 @@ request's sampling parameters; every forward is counted per request (`RoundResul
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -33,6 +32,7 @@ from sglang_nemodiff.algorithms import emits_first_token
 from sglang_nemodiff.algorithms.ar_steps import run_ar_steps
 from sglang_nemodiff.algorithms.grammar import mask_next_slot
 from sglang_nemodiff.algorithms.sampling import BatchSampling, sample_from
+from sglang_nemodiff.algorithms.timing import ForwardTimer
 from sglang_nemodiff.config import ARCHITECTURE
 from sglang_nemodiff.settings import AlgorithmSettings
 from sglang_nemodiff.stats import RoundResult
@@ -93,6 +93,7 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         self.settings = AlgorithmSettings.from_mapping(config.algorithm_config)
         self.round_reqs: Optional[list] = None  # set before every run (dllm_round_requests)
         self.eos_id: Optional[int] = None
+        self.timer = ForwardTimer()
 
     @classmethod
     def unsupported_features(cls, req) -> List[str]:
@@ -178,6 +179,7 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         verify = out.logits_output.full_logits.view(bs, block_size, -1)
         keep, accepted, bonus = self.accept(block, verify, sampling, fill)
         keep_list = keep.tolist()
+        self.flush_forward_times()
         accepted_list = accepted.tolist() if accepted is not None else [None] * bs
         tokens, logprobs = self._emitted(block, keep, bonus, sampling,
                                          lambda: self.emission_logits(verify, sampling, block, fill))
@@ -229,6 +231,7 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         steps = run_ar_steps(self, model_runner, forward_batch, block, sampling)
         tokens, logprobs = self._emitted(block, steps.keep, steps.bonus, sampling, lambda: steps.logits)
         keep_list = steps.keep.tolist()
+        self.flush_forward_times()
         policy_state, request_ids = block_policy.state(), self._request_id_list(bs)
         if policy_state is not None and request_ids is not None:
             policy_state.policy.observe_ar_round(request_ids)
@@ -265,20 +268,22 @@ class NLDBlockAlgorithm(DllmAlgorithm):
     def forward_pass(self, model_runner, forward_batch, causal: bool, draft_lora: bool = False):
         options = model_runner.model.pass_options
         options.causal, options.draft_lora = causal, draft_lora
-        started = time.perf_counter()
+        policy_state = block_policy.state()  # None at a fixed block size: nothing to time
+        started = (self.timer.start(forward_batch.input_ids.is_cuda)
+                   if policy_state is not None else None)
         try:
             out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
         finally:
             options.causal, options.draft_lora = None, False
-        # Timed for the block-size policy's cost table (a device sync: the logits are read
-        # right after anyway).
-        if forward_batch.input_ids.is_cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        policy_state = block_policy.state()
-        if policy_state is not None:
-            policy_state.policy.observe_forward(forward_batch.input_ids.numel(), seconds)
+        if started is not None:  # for the policy's cost table (timing.py: no per-forward sync)
+            self.timer.stop(started, forward_batch.input_ids.numel(),
+                            policy_state.policy.observe_forward)
         return out
+
+    def flush_forward_times(self) -> None:
+        """End of a round (its results are on the host): report queued device timings."""
+        policy_state = block_policy.state()
+        self.timer.flush(policy_state.policy.observe_forward if policy_state is not None else None)
 
     def emission_logits(self, verify, sampling: BatchSampling, block, fill: BlockFill):
         """[bs, B, V] logits whose slot j produced emitted token j (for logprobs)."""
