@@ -11,6 +11,7 @@ from sglang_nemodiff.reference.generate import (
     fastdiffuser_generate,
     linearspec_generate,
 )
+from sglang_nemodiff.reference.quadratic import quadratic_generate, quadratic_layout
 
 __all__ = [
     "KVCache",
@@ -19,4 +20,6 @@ __all__ = [
     "ar_generate",
     "fastdiffuser_generate",
     "linearspec_generate",
+    "quadratic_generate",
+    "quadratic_layout",
 ]

@@ -195,19 +195,42 @@ class NLDReference(nn.Module):
         c = self.config
         past = len(cache) if cache is not None else 0
         T = input_ids.shape[0]
-        positions = torch.arange(past, past + T, device=input_ids.device)
+        device = input_ids.device
+        positions = torch.arange(past, past + T, device=device)
+        # the block is causal or open; causal_seed (config.py): the seed row of a bidirectional
+        # pass attends causally and runs the base weights.
+        seed_causal = c.causal_seed and not causal
+        if causal:
+            allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        else:
+            allowed = torch.ones(T, T, dtype=torch.bool, device=device)
+            if seed_causal:
+                allowed[0, 1:] = False
+        draft_rows = None
+        if use_draft_lora:
+            draft_rows = torch.ones(T, dtype=torch.bool, device=device)
+            if seed_causal:
+                draft_rows[0] = False
+        logits, new_kv = self.forward_structured(input_ids, cache, positions, allowed, draft_rows)
+        if not causal:
+            logits = slot_logits(logits.unsqueeze(0), c.shift_logits)[0]
+        return logits, new_kv
+
+    @torch.no_grad()
+    def forward_structured(self, input_ids: torch.Tensor, cache: KVCache | None,
+                           positions: torch.Tensor, allowed: torch.Tensor,
+                           draft_rows: torch.Tensor | None = None):
+        """The forward for any attention pattern among the new tokens: `positions` [T], `allowed`
+        [T, T] (query i may see new token j; the cached prefix is always visible), the draft
+        adapter on `draft_rows` [T] (None: nowhere). Raw logits [T, V] (no slot shift)."""
+        c = self.config
+        past = len(cache) if cache is not None else 0
+        T = input_ids.shape[0]
         rope = c.rope_parameters
         q_scale = llama4_query_scale(positions, float(rope.get("llama_4_scaling_beta") or 0.0),
                                      int(rope.get("original_max_position_embeddings", 16384)))
-        # mask over [cache | new]: the prefix is always visible; the block is causal or open.
-        allowed = torch.ones(T, past + T, dtype=torch.bool, device=input_ids.device)
-        if causal:
-            allowed[:, past:] = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-        # causal_seed (config.py): the seed row of a bidirectional pass attends causally and
-        # runs the base weights.
-        seed_causal = c.causal_seed and not causal
-        if seed_causal:
-            allowed[0, past + 1:] = False
+        allowed = torch.cat([torch.ones(T, past, dtype=torch.bool, device=input_ids.device),
+                             allowed], 1)
         h = self.embed_tokens(input_ids)
         new_kv = []
         for i, layer in enumerate(self.layers):
@@ -231,18 +254,14 @@ class NLDReference(nn.Module):
             attn = torch.einsum("hts,hsd->thd", scores.softmax(-1), v).to(h.dtype)
             attn = attn.reshape(T, self.n_heads * self.head_dim)
             out = layer.o_proj(attn)
-            if use_draft_lora and self.draft_lora is not None:
+            if draft_rows is not None and self.draft_lora is not None:
                 a, b = self.draft_lora[i]
                 delta = (attn @ a.t() @ b.t()) * self.draft_lora_scale
-                if seed_causal:
-                    delta[0] = 0
-                out = out + delta
+                out = out + delta * draft_rows[:, None].to(delta.dtype)
             h = h + out
             x = rms_norm(h, layer.post_attention_layernorm, c.rms_norm_eps)
             h = h + layer.down_proj(F.silu(layer.gate_proj(x)) * layer.up_proj(x))
         logits = self.diffusion_head(rms_norm(h, self.norm, c.rms_norm_eps)).float()
-        if not causal:
-            logits = slot_logits(logits.unsqueeze(0), c.shift_logits)[0]
         return logits, new_kv
 
 

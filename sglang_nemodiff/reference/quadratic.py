@@ -1,0 +1,88 @@
+"""Quadratic self-speculation (reference, greedy, batch 1): one forward per round verifies the
+current block and drafts the next block for every possible acceptance length.
+
+A round holds a block d_0..d_{L-1} (d_0: the previous round's bonus, i.e. AR's own token, not yet
+in the KV cache; d_1..: drafts) and, after each d_i, a group of g mask tokens:
+- d_i at position ctx + i attends causally to d_0..d_i with the base weights: its logits are AR's
+  prediction for position ctx + i + 1;
+- group i's masks at ctx + i + 1 .. ctx + i + g attend to d_0..d_i and to their own group, with
+  the draft adapter: the draft of the next block if exactly d_0..d_i are accepted.
+Verify: d_k is accepted while AR's prediction after d_{k-1} equals it; n = accepted + 1. The KV of
+d_0..d_{n-1} is kept. Emitted: d_1..d_{n-1} and the bonus (AR's prediction after d_{n-1}), which is
+the next block's d_0; the next drafts are group n-1's predictions for the slots after it. Every
+emitted token is a causal argmax: the output is AR's.
+
+Group size: NLD checkpoints (unshifted drafts) predict each mask's own position, so a group holds
+b masks (the first at the bonus's position, which the bonus replaces): b(b+1) query tokens for a
+b-token block. Converted AR models (`shift_logits`) predict the position after each row, so d_i's
+own causal row already predicts the bonus and a group holds b - 1 masks: b * b query tokens.
+The first round has no drafts: the block is d_0 alone (one group: a LinearSpec draft pass that
+also writes d_0's KV).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_nemodiff.reference.generate import GenerationResult, _finish, _prefill, non_mask_argmax_and_prob
+from sglang_nemodiff.reference.model import NLDReference
+
+
+def group_size(block_size: int, shift_logits: bool) -> int:
+    return block_size - 1 if shift_logits else block_size
+
+
+def quadratic_layout(block_len: int, group: int, device=None):
+    """Position offsets [T] (from ctx), the attention pattern among the new tokens [T, T] and the
+    draft-adapter rows [T] of a round with `block_len` block tokens, then `group` masks after each
+    (T = block_len * (1 + group); block tokens first, then group 0, group 1, ...)."""
+    L, g = block_len, group
+    T = L * (1 + g)
+    offsets = torch.empty(T, dtype=torch.long, device=device)
+    offsets[:L] = torch.arange(L, device=device)
+    owner = torch.empty(T, dtype=torch.long, device=device)  # the block index whose group a row is in
+    owner[:L] = torch.arange(L, device=device)
+    for i in range(L):
+        rows = slice(L + i * g, L + (i + 1) * g)
+        offsets[rows] = torch.arange(i + 1, i + 1 + g, device=device)
+        owner[rows] = i
+    is_mask = torch.zeros(T, dtype=torch.bool, device=device)
+    is_mask[L:] = True
+    col = torch.arange(T, device=device)
+    # every row sees block tokens up to its owner (d rows: causal); mask rows also see their group
+    sees_block = (col[None, :] < L) & (col[None, :] <= owner[:, None])
+    same_group = is_mask[:, None] & is_mask[None, :] & (owner[:, None] == owner[None, :])
+    return offsets, sees_block | same_group, is_mask
+
+
+def quadratic_generate(model: NLDReference, prompt: list[int], max_new_tokens: int,
+                       eos_id: int | None = None, block_size: int = 16,
+                       use_draft_lora: bool = True) -> GenerationResult:
+    c = model.config
+    mask_id, g = c.mask_token_id, group_size(block_size, c.shift_logits)
+    first_draft = 0 if c.shift_logits else 1  # group row that drafts the slot after the bonus
+    device = model.diffusion_head.weight.device
+    cache, seed = _prefill(model, prompt)
+    tokens, forwards, accepted = [seed], 1, []
+    block = [seed]
+    while True:
+        tokens, done = _finish(tokens, eos_id, max_new_tokens)
+        if done:
+            return GenerationResult(tokens, forwards, accepted)
+        L, ctx = len(block), len(cache)
+        offsets, allowed, is_mask = quadratic_layout(L, g, device)
+        ids = torch.tensor(block + [mask_id] * (L * g), device=device)
+        logits, kv = model.forward_structured(ids, cache, ctx + offsets, allowed,
+                                              is_mask if use_draft_lora else None)
+        forwards += 1
+        ar = logits[:L].argmax(-1).tolist()  # AR's prediction after each d_i
+        n = 1
+        while n < L and block[n] == ar[n - 1]:
+            n += 1
+        accepted.append(n - 1)
+        cache.append(kv, n)  # d_0..d_{n-1}: the block rows come first
+        bonus = ar[n - 1]
+        tokens += block[1:n] + [bonus]
+        group = logits[L + (n - 1) * g: L + n * g]
+        drafts = non_mask_argmax_and_prob(group[first_draft:], mask_id)[0].tolist()
+        block = [bonus] + drafts[: block_size - 1]

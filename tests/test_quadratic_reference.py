@@ -1,0 +1,85 @@
+"""The quadratic self-speculation oracle (reference/quadratic.py): its attention layout against a
+brute-force construction from the rules, and its output == AR (greedy) on an NLD checkpoint and
+on a converted-layout one, one forward per round."""
+
+import pytest
+import torch
+
+from sglang_nemodiff.reference import NLDReference, ar_generate, linearspec_generate, quadratic_generate
+from sglang_nemodiff.reference.quadratic import group_size, quadratic_layout
+
+
+def brute_force_layout(L, g):
+    """Straight from the rules: d_i at +i sees d_0..d_i; group i's masks at +i+1..+i+g see
+    d_0..d_i and their own group; the adapter runs on mask rows only."""
+    rows = [("d", i, i) for i in range(L)] + [("m", i, i + 1 + j) for i in range(L) for j in range(g)]
+    allowed = torch.zeros(len(rows), len(rows), dtype=torch.bool)
+    for r, (kind_r, owner_r, _) in enumerate(rows):
+        for c, (kind_c, owner_c, _) in enumerate(rows):
+            if kind_c == "d":
+                allowed[r, c] = owner_c <= owner_r
+            else:
+                allowed[r, c] = kind_r == "m" and owner_r == owner_c
+    offsets = torch.tensor([pos for _, _, pos in rows])
+    return offsets, allowed, torch.tensor([kind == "m" for kind, _, _ in rows])
+
+
+@pytest.mark.parametrize("L,g", [(1, 4), (3, 3), (4, 5), (16, 16)])
+def test_layout_matches_brute_force(L, g):
+    offsets, allowed, is_mask = quadratic_layout(L, g)
+    want = brute_force_layout(L, g)
+    assert torch.equal(offsets, want[0]) and torch.equal(allowed, want[1]) and torch.equal(is_mask, want[2])
+    assert allowed.shape == (L * (1 + g),) * 2
+
+
+def test_layout_negative_control():
+    """A layout whose masks see every block token (all groups alike) differs from the rules."""
+    offsets, allowed, is_mask = quadratic_layout(3, 2)
+    wrong = allowed.clone()
+    wrong[3:, :3] = True
+    assert not torch.equal(wrong, brute_force_layout(3, 2)[1])
+
+
+def test_group_size_by_convention():
+    assert group_size(16, shift_logits=False) == 16  # b (b + 1) query tokens
+    assert group_size(16, shift_logits=True) == 15  # b * b
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_equals_ar_one_forward_per_round(reference, prompts, block_size):
+    for ids in prompts[:4]:
+        ar = ar_generate(reference, ids, 40, eos_id=11)
+        q = quadratic_generate(reference, ids, 40, eos_id=11, block_size=block_size)
+        assert q.tokens == ar.tokens
+        assert q.forwards == 1 + len(q.accept_lengths)  # the prefill, then one per round
+        assert all(0 <= a < block_size for a in q.accept_lengths)
+
+
+def test_equals_ar_on_converted_layout(tmp_path, prompts):
+    from sglang_nemodiff.checkpoint import write_random_checkpoint
+
+    path = write_random_checkpoint(str(tmp_path / "shifted"), seed=3, lora_rank=8, shift_logits=True,
+                                   causal_seed=True, tie_word_embeddings=True,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = NLDReference.from_pretrained(path)
+    for ids in prompts[:3]:
+        assert quadratic_generate(model, ids, 32, eos_id=11, block_size=8).tokens == \
+            ar_generate(model, ids, 32, eos_id=11).tokens
+
+
+def test_fewer_forwards_than_linearspec_on_the_bundled_model():
+    """On a model whose drafts hit, one forward per round commits more per forward than
+    LinearSpec's two (the measured ratio is in docs/perf.md)."""
+    from transformers import AutoTokenizer
+
+    from sglang_nemodiff.bundled import bundled_model_path
+    from sglang_nemodiff.tools.training import heldout_prompt_sets
+
+    path = bundled_model_path()
+    bundled_reference = NLDReference.from_pretrained(path)
+    sets = heldout_prompt_sets(AutoTokenizer.from_pretrained(path), n_per_set=2, continuation_tokens=96)
+    lin = quad = 0
+    for ids in [p.input_ids for p in sets["continuation"] + sets["edit"]]:
+        lin += linearspec_generate(bundled_reference, ids, 64, 11, block_size=16).forwards
+        quad += quadratic_generate(bundled_reference, ids, 64, 11, block_size=16).forwards
+    assert quad < lin
