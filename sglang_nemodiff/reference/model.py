@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sglang_nemodiff.config import NemotronLabsDiffusionConfig
+# The config class (transformers) is imported where a checkpoint is read: the model itself needs
+# only torch, so it runs on a machine with torch alone (launch/gpu_forward_bench.py).
 
 
 def yarn_inv_freq_and_scale(head_dim: int, rope: dict) -> tuple[torch.Tensor, float]:
@@ -143,6 +144,8 @@ class NLDReference(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu", **config_overrides):
         from safetensors.torch import load_file
+
+        from sglang_nemodiff.config import NemotronLabsDiffusionConfig
 
         with open(os.path.join(path, "config.json")) as f:
             raw = json.load(f)
