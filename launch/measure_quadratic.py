@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--block-sizes", default="8,16,32")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompts", type=int, default=0, help="the first N prompts only (0: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from sglang_nemodiff.reference import NLDReference, ar_generate, linearspec_generate, quadratic_generate
@@ -53,6 +54,7 @@ def main() -> None:
         path = bundled_model_path()
     model = NLDReference.from_pretrained(path)
     prompts, eos = prompts_for(args.model, path)
+    prompts = prompts[: args.prompts or None]
     n = args.max_new_tokens
     ar = [ar_generate(model, ids, n, eos_id=eos) for ids in prompts]
     tokens = sum(len(r.tokens) for r in ar)

@@ -197,7 +197,7 @@ def test_metrics_count_each_request_once(parallel_server, parallel_prompts):
     meta_info: under TP once (not once per rank), under DP summed over the replicas. Negative
     control: AR mode moves no diffusion series while SGLang's own token counter moves."""
     case, mode = parallel_server.case, parallel_server.algorithm
-    prompts = parallel_prompts[:6]
+    prompts = parallel_prompts[:4]
     before = scrape(parallel_server)
     responses = generate_many(parallel_server, prompts, MAX_NEW)
     after = scrape(parallel_server)
