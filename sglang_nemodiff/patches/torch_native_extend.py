@@ -21,6 +21,8 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+from sglang_nemodiff.kernels.structured_attention import SEED_CAUSAL, build_mask
+
 TARGETS = ("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend",
            "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend")
 
@@ -84,9 +86,8 @@ def sdpa_extend(query, output, k_cache, v_cache, req_to_token, req_pool_indices,
         if causal and q_len > 1:  # one query (an AR step, B = 1) sees every key: no mask
             q_pos = torch.arange(prefix, prefix + q_len, device=query.device)
             mask = torch.arange(kv_len, device=query.device)[None, :] <= q_pos[:, None]
-        elif seed_causal and q_len > 1:
-            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
-            mask[0, prefix + 1:] = False
+        elif seed_causal and q_len > 1:  # the kernels' own definition of the pattern
+            mask = build_mask(SEED_CAUSAL, prefix, q_len, device=query.device)
         out = scaled_dot_product_attention(per_req_query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0),
                                            attn_mask=mask, enable_gqa=enable_gqa, scale=scaling)
         output[start_q:end_q] = out.squeeze(0).movedim(query.dim() - 2, 0)
