@@ -24,7 +24,8 @@ import triton.language as tl
 from .device import _sm_count
 from .dispatch import triton_interpreting
 
-_INT_BIG = 2147483647
+# A constexpr: a compiled (non-interpreted) kernel may read no other kind of global.
+_INT_BIG = tl.constexpr(2147483647)
 
 
 
