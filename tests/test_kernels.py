@@ -308,3 +308,47 @@ def test_linearspec_accept():
     assert c[0].item() == B - 1 and bonus[0].item() == ver[0, B - 1].item()
     assert c[1].item() == 0 and bonus[1].item() == ver[1, 0].item()
     assert c[2].item() == 3
+
+
+def test_jit_kernels_read_only_constexpr_globals(tmp_path):
+    """A compiled Triton kernel may read a module global only if it is a `tl.constexpr` (or a
+    module, function, kernel); the interpreter these tests use on CPU accepts plain numbers, the
+    compiler refuses them (found on the first H100 run). Checked statically, so CPU CI catches it.
+    Negative control: a kernel reading a plain int is reported."""
+    import types
+
+    import triton
+    import triton.language as tl
+
+    from sglang_nemodiff.kernels import confidence, speculative, structured_attention
+
+    def offenders(fn):
+        code = fn.fn.__code__
+        names = set(code.co_names)
+        for const in code.co_consts:  # nested code objects (none today, but cheap to cover)
+            if isinstance(const, types.CodeType):
+                names |= set(const.co_names)
+        bad = []
+        for name in sorted(names):
+            if name not in fn.fn.__globals__:
+                continue
+            value = fn.fn.__globals__[name]
+            if isinstance(value, (bool, int, float, str)) and not isinstance(value, tl.constexpr):
+                bad.append(name)
+        return bad
+
+    kernels = [obj for mod in (confidence, speculative, structured_attention)
+               for obj in vars(mod).values() if isinstance(obj, triton.runtime.JITFunction)]
+    assert kernels
+    found = {k.fn.__name__: offenders(k) for k in kernels}
+    assert not any(found.values()), found
+
+    import importlib.util
+
+    source = tmp_path / "bad_kernel_module.py"
+    source.write_text("import triton\nimport triton.language as tl\n\nPLAIN = 7\nOK = tl.constexpr(7)\n\n\n"
+                      "@triton.jit\ndef bad_kernel(X):\n    tl.store(X, PLAIN + OK)\n")
+    spec = importlib.util.spec_from_file_location("bad_kernel_module", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert offenders(module.bad_kernel) == ["PLAIN"]
