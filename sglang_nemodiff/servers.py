@@ -82,17 +82,19 @@ def free_port() -> int:
 
 
 class ManagedServer:
-    """`python -m sglang.launch_server --algorithm MODE ...` in its own process group.
+    """`python -m sglang.launch_server --algorithm MODE ...` in its own process group (algorithm
+    None: no `--algorithm`, for SGLang's own `--dllm-algorithm` spelling in `server_args`).
 
     Use as a context manager (`with ManagedServer(...) as server: server.wait_ready()`) or call
     `start`, `wait_ready` and `stop` yourself; `stop` kills the process group whatever happened."""
 
-    def __init__(self, model_path: str, algorithm: str, server_args: Sequence[str] = (), *,
+    def __init__(self, model_path: str, algorithm: str | None, server_args: Sequence[str] = (), *,
                  host: str = "127.0.0.1", port: int | None = None, log_path: str | None = None,
                  env: dict | None = None, launcher: Sequence[str] | None = None):
         self.model_path, self.algorithm = model_path, algorithm
         self.host, self.port = host, port or free_port()
-        self.cmd = server_command(["--model-path", model_path, "--algorithm", algorithm, "--host", host,
+        mode = ["--algorithm", algorithm] if algorithm is not None else []
+        self.cmd = server_command(["--model-path", model_path, *mode, "--host", host,
                                    "--port", str(self.port), *server_args], launcher)
         self.log_path = log_path
         self.env = env

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from sglang_nemodiff.server_args import DEFAULT_MAX_RUNNING_REQUESTS, map_nemodiff_options
+from sglang_nemodiff.algorithms.server_defaults import DEFAULT_MAX_RUNNING_REQUESTS
+from sglang_nemodiff.server_args import map_nemodiff_options
 from sglang_nemodiff.settings import DEFAULT_CONFIG, AlgorithmSettings, load_settings
 
 
@@ -18,23 +19,76 @@ def test_cli_help_lists_algorithm_options():
 
 
 def test_algorithm_maps_onto_sglang_fields():
+    """`--algorithm` names SGLang fields only; the server defaults are the hook's (below)."""
     assert map_nemodiff_options({}, {}) == {}
-    ar = map_nemodiff_options({"algorithm": "ar"}, {})
-    assert json.loads(ar["json_model_override_args"]) == {"ar_mode": True}
+    ar = map_nemodiff_options({"algorithm": "ar"}, {"json_model_override_args": '{"x": 1}'})
+    assert json.loads(ar["json_model_override_args"]) == {"x": 1, "ar_mode": True}
     assert "dllm_algorithm" not in ar
-    spec = map_nemodiff_options({"algorithm": "linearspec"},
-                                {"device": "cpu", "json_model_override_args": '{"x": 1}'})
-    assert spec["dllm_algorithm"] == "NemodiffLinearSpec" and "dllm_fdfo" not in spec
-    assert spec["dllm_algorithm_config"] == DEFAULT_CONFIG
-    assert spec["max_running_requests"] == DEFAULT_MAX_RUNNING_REQUESTS
-    assert spec["disable_cuda_graph"] is True
-    assert json.loads(spec["json_model_override_args"]) == {"x": 1, "ar_mode": False}
-    fast = map_nemodiff_options({"algorithm": "fastdiffuser"}, {"max_running_requests": 4})
-    assert fast["dllm_algorithm"] == "NemodiffFastDiffuser" and "max_running_requests" not in fast
+    assert map_nemodiff_options({"algorithm": "linearspec"}, {}) == {"dllm_algorithm": "NemodiffLinearSpec"}
+    fast = map_nemodiff_options({"algorithm": "fastdiffuser", "algorithm_config": DEFAULT_CONFIG}, {})
+    assert fast == {"dllm_algorithm": "NemodiffFastDiffuser", "dllm_algorithm_config": DEFAULT_CONFIG}
     with pytest.raises(ValueError, match="--ar-mode contradicts"):
         map_nemodiff_options({"algorithm": "linearspec", "ar_mode": True}, {})
     with pytest.raises(ValueError, match="Unknown --algorithm"):
         map_nemodiff_options({"algorithm": "quadratic"}, {})
+    with pytest.raises(ValueError, match="contradicts --dllm-algorithm"):
+        map_nemodiff_options({"algorithm": "linearspec"}, {"dllm_algorithm": "NemodiffFastDiffuser"})
+
+
+def _resolved(tmp_path, device: str, plugin_options: dict, **kwargs):
+    """The fully resolved ServerArgs view SGLang would start a server with (no server started)."""
+    import sglang_nemodiff
+    from sglang.srt.arg_groups.overrides import resolved_view
+    from sglang.srt.plugins.hook_registry import HookRegistry
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_nemodiff.checkpoint import write_random_checkpoint
+
+    sglang_nemodiff.register()
+    HookRegistry.apply_hooks()  # as SGLang's load_plugins() does
+    ckpt = str(tmp_path / "tiny")
+    if not (tmp_path / "tiny").exists():
+        write_random_checkpoint(ckpt)
+    base = dict(model_path=ckpt, device=device, max_total_tokens=2048, **kwargs)
+    server_args = ServerArgs(**base, **map_nemodiff_options(plugin_options, base))
+    server_args.resolve_once()
+    return resolved_view(server_args)
+
+
+def _fields(view) -> dict:
+    from sglang.srt.arg_groups.arg_utils import field_names
+    from sglang.srt.server_args import ServerArgs
+
+    names = field_names(ServerArgs)
+    assert len(names) > 100  # the whole record, not an empty comparison
+    return {name: getattr(view, name) for name in names}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("mode,class_name", [("linearspec", "NemodiffLinearSpec"),
+                                             ("fastdiffuser", "NemodiffFastDiffuser")])
+def test_both_algorithm_spellings_resolve_to_the_same_server(tmp_path, device, mode, class_name):
+    """`--algorithm linearspec` and SGLang's `--dllm-algorithm NemodiffLinearSpec` resolve every
+    ServerArgs field alike (the defaults live in the algorithms' configure_server_args hook):
+    max running requests 16, CUDA graphs off in both phases (also for --device cuda), the
+    checkpoint's ar_mode off, the packaged algorithm YAML, SGLang's overlap-schedule rule."""
+    ours = _fields(_resolved(tmp_path, device, {"algorithm": mode}, random_seed=1))
+    sglangs = _fields(_resolved(tmp_path, device, {}, dllm_algorithm=class_name, random_seed=1))
+    assert ours == sglangs
+    assert ours["dllm_algorithm"] == class_name
+    assert ours["max_running_requests"] == DEFAULT_MAX_RUNNING_REQUESTS
+    assert ours["cuda_graph_config"].decode.backend == ours["cuda_graph_config"].prefill.backend == "disabled"
+    assert ours["disable_cuda_graph"] is True and ours["disable_overlap_schedule"] is True
+    assert json.loads(ours["json_model_override_args"]) == {"ar_mode": False}
+    assert ours["dllm_algorithm_config"] == DEFAULT_CONFIG
+    # The user's own choices stand.
+    mine = _fields(_resolved(tmp_path, device, {}, dllm_algorithm=class_name, max_running_requests=3))
+    assert mine["max_running_requests"] == 3
+    if device == "cuda":
+        # Negative control: SGLang captures graphs for this device when no diffusion mode runs,
+        # so the 'disabled' above is the hook's decision.
+        ar = _fields(_resolved(tmp_path, device, {"algorithm": "ar"}))
+        assert ar["cuda_graph_config"].decode.backend != "disabled"
 
 
 def test_settings_yaml(tmp_path):
@@ -127,16 +181,6 @@ def test_vllm_stub_only_without_vllm(monkeypatch, tmp_path):
         for name in names:
             sys.modules.pop(name, None)
         sys.modules.update(saved)
-
-
-def test_diffusion_modes_never_capture_cuda_graphs_on_any_device():
-    """A graph captured for one pass kind must not replay another: the diffusion modes run
-    without CUDA graphs on every device; AR keeps SGLang's graphs."""
-    for device in ("cuda", "cpu", None):
-        current = {} if device is None else {"device": device}
-        for algorithm in ("linearspec", "fastdiffuser"):
-            assert map_nemodiff_options({"algorithm": algorithm}, current)["disable_cuda_graph"] is True
-        assert "disable_cuda_graph" not in map_nemodiff_options({"algorithm": "ar"}, current)
 
 
 def test_graph_pass_guard_raises_on_another_pass_kind():

@@ -183,3 +183,29 @@ def test_min_new_tokens_blocks_stop_tokens_like_ar(linearspec_server, ar_server_
     spec = generate(linearspec_server, ids, 40, **params)
     assert spec["output_ids"] == ar["output_ids"] and len(ar["output_ids"]) >= 12
     assert spec["meta_info"]["finish_reason"] == ar["meta_info"]["finish_reason"]
+
+
+def test_sglang_dllm_algorithm_spelling_starts_the_same_server(linearspec_server, server_pool,
+                                                               tiny_checkpoint, prompts):
+    """SGLang's own flag, `--dllm-algorithm NemodiffLinearSpec --dllm-algorithm-config X`, starts
+    the server `--algorithm linearspec --algorithm-config X` starts: same server arguments as
+    /server_info reports them, same tokens and forwards for every request at once."""
+    from conftest import BLOCK32
+
+    sglangs = server_pool.get(tiny_checkpoint, None, "--dllm-algorithm", "NemodiffLinearSpec",
+                              "--dllm-algorithm-config", BLOCK32[1])
+
+    def info(server):
+        data = requests.get(server.url + "/server_info", timeout=60).json()
+        return {k: data[k] for k in ("dllm_algorithm", "dllm_algorithm_config", "max_running_requests",
+                                     "disable_cuda_graph", "disable_overlap_schedule",
+                                     "json_model_override_args", "page_size")}
+
+    assert info(sglangs) == info(linearspec_server)
+    assert info(sglangs)["max_running_requests"] == 16
+    ours = generate_many(linearspec_server, prompts, 40)
+    theirs = generate_many(sglangs, prompts, 40)
+    assert [r["output_ids"] for r in theirs] == [r["output_ids"] for r in ours]
+    for a, b in zip(theirs, ours):
+        assert meta(a, "nemodiff_algorithm") == "linearspec"
+        assert meta(a, "nemodiff_forwards") == meta(b, "nemodiff_forwards")

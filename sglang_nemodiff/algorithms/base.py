@@ -96,6 +96,12 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         self.timer = ForwardTimer()
 
     @classmethod
+    def configure_server_args(cls, server_args) -> None:
+        from sglang_nemodiff.algorithms.server_defaults import configure_server_args
+
+        configure_server_args(server_args)
+
+    @classmethod
     def unsupported_features(cls, req) -> List[str]:
         sp = req.sampling_params
         unsupported = []
