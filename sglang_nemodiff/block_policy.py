@@ -47,8 +47,11 @@ about to run, the B in {1, 2, 4, ..., max} that maximises expected committed tok
   down, so the acceptance at large blocks and the period of every B stay measured; only the B's
   rated at least `EXPLORE_FLOOR` of the best are explored (the others cannot win on noise).
 
-One policy per scheduler process. Under tensor parallelism every rank must run the same B: rank 0
-decides and broadcasts it over the CPU group (the ranks' timings differ).
+One planner per scheduler (`round_planner`: kept on SGLang's DllmManager). It decides each
+round's plan (round_plan.py) when the scheduler places the round's blocks, and learns from the
+round's record once the scheduler has its results; the algorithms only carry the plan out and
+time their forwards when `plan.timed`. Under tensor parallelism every rank must run the same B:
+rank 0 decides and broadcasts it over the CPU group (the ranks' timings differ).
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ import math
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
+
+from sglang_nemodiff.round_plan import RoundPlan, RoundRecord
 
 logger = logging.getLogger("sglang_nemodiff")
 
@@ -380,9 +385,35 @@ class RoundBlockSize:
         self.last_log = 0.0
         self.last_logged = None
 
+    @property
+    def timed(self) -> bool:
+        """Whether the policy chooses B (then it learns from every round's record)."""
+        return self.fixed is None and self.cycle is None
+
     def slots(self, block_size: int) -> int:
         """Block slots a round of this block size places."""
         return self.ar_slots if block_size == 1 else block_size
+
+    def plan(self, block_size: int) -> RoundPlan:
+        """The plan of a round of this block size (the one begin_round chose, or rank 0's)."""
+        return RoundPlan(block_size=block_size, slots=self.slots(block_size),
+                         ar_steps=block_size == 1, timed=self.timed)
+
+    def observe(self, record: RoundRecord) -> None:
+        """What a finished batch tells the policy (once per batch, scheduler side): a prefill
+        batch is not a round (its time is not a round's overhead); a round's start (the period
+        of the round before it), its forwards' timings and its acceptance."""
+        policy = self.policy
+        if record.prefill:
+            policy.other_work()
+            return
+        policy.start_round(frozenset(record.request_ids), record.block_size, now=record.started)
+        for query_tokens, seconds in record.forward_times:
+            policy.observe_forward(query_tokens, seconds)
+        if record.block_size == 1:
+            policy.observe_ar_round(record.request_ids)
+        elif record.accepted is not None:
+            policy.observe_round(record.block_size, record.accepted, record.request_ids)
 
     def begin_round(self, batch_size: int, budgets: Optional[Sequence[int]] = None,
                     request_ids: Optional[Sequence] = None) -> int:
@@ -409,14 +440,15 @@ class RoundBlockSize:
         return choice.block_size
 
 
-_STATE: Optional[RoundBlockSize] = None
+def round_planner(manager, dllm_config) -> RoundBlockSize:
+    """The scheduler's planner: one per DllmManager (one scheduler per process), created on the
+    first round. Under tensor parallelism each rank has its own; rank 0's B is broadcast."""
+    planner = getattr(manager, "nemodiff_rounds", None)
+    if planner is None:
+        from sglang_nemodiff.algorithms import mode_of
+        from sglang_nemodiff.settings import AlgorithmSettings
 
-
-def init_state(settings, max_block: int, mode: str) -> RoundBlockSize:
-    global _STATE
-    _STATE = RoundBlockSize(settings, max_block, mode)
-    return _STATE
-
-
-def state() -> Optional[RoundBlockSize]:
-    return _STATE
+        planner = RoundBlockSize(AlgorithmSettings.from_mapping(dllm_config.algorithm_config),
+                                 dllm_config.block_size, mode_of(dllm_config.algorithm))
+        manager.nemodiff_rounds = planner
+    return planner

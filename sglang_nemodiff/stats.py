@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from sglang_nemodiff.round_plan import RoundRecord
+
 logger = logging.getLogger("sglang_nemodiff")
 
 META_KEYS = ("nemodiff_algorithm", "nemodiff_forwards", "nemodiff_forwards_per_pass",
@@ -45,8 +47,10 @@ class RoundResult:
     accepted: Optional[int] = None  # LinearSpec: drafts accepted
     block_size: Optional[int] = None  # block rounds: the block size used (1: AR steps)
     logprobs: Optional[TokenLogprobs] = None
-    slots: Optional[int] = None  # block slots the round placed, if not block_size (AR steps)
     steps: int = 1  # blocks of block_size the round counts as (a B = 1 round: its AR steps)
+    # The round as the block policy sees it (round_plan.py), one object shared by the round's
+    # results; None when the round's plan was not timed.
+    record: Optional[RoundRecord] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         unknown = [kind for kind, _ in self.passes if kind not in PASS_KINDS]
@@ -55,10 +59,6 @@ class RoundResult:
     @property
     def forwards(self) -> int:
         return sum(n for _, n in self.passes)
-
-    @property
-    def placed(self) -> Optional[int]:
-        return self.slots if self.slots is not None else self.block_size
 
     @property
     def is_block(self) -> bool:
@@ -142,9 +142,8 @@ class IntervalStats:
         self.block_sizes = {}
         self.last_log = time.monotonic()
 
-    def line(self) -> str:
-        from sglang_nemodiff import block_policy
-
+    def line(self, last_choice=None) -> str:
+        """The log line; `last_choice`: the block policy's latest decision (block_policy.Choice)."""
         msg = (f"[nemodiff] #blocks: {self.blocks}, #forwards: {self.forwards}, "
                f"tokens/forward: {self.tokens / max(self.forwards, 1):.2f}")
         if self.drafted:
@@ -152,15 +151,14 @@ class IntervalStats:
         if self.block_sizes:
             sizes = ", ".join(f"{b}: {n}" for b, n in sorted(self.block_sizes.items()))
             msg += f", blocks per size: {{{sizes}}}"
-        round_state = block_policy.state()
-        if round_state is not None and round_state.last_choice is not None:
-            choice = round_state.last_choice
+        if last_choice is not None:
+            choice = last_choice
             msg += f", last block size: {choice.block_size} ({choice.reason}, batch {choice.batch_size})"
             if choice.rates:
                 msg += f", expected tok/s by B: {dict(choice.rates)}"
         return msg
 
-    def maybe_log(self) -> None:
+    def maybe_log(self, last_choice=None) -> None:
         if self.forwards and time.monotonic() - self.last_log >= LOG_INTERVAL_S:
-            logger.info(self.line())
+            logger.info(self.line(last_choice))
             self.reset()

@@ -152,6 +152,83 @@ def test_round_state_fixed_cycle_and_modes():
     assert [cycled.begin_round(2) for _ in range(4)] == [32, 1, 4, 32]
 
 
+def test_round_plans_are_decided_once_and_timed_only_under_auto():
+    from sglang_nemodiff.round_plan import RoundPlan
+
+    auto = RoundBlockSize(AlgorithmSettings(ar_steps=4), 32, "linearspec")
+    assert auto.timed and auto.plan(1) == RoundPlan(block_size=1, slots=4, ar_steps=True, timed=True)
+    assert auto.plan(16) == RoundPlan(block_size=16, slots=16, ar_steps=False, timed=True)
+    for fixed in (RoundBlockSize(AlgorithmSettings(block_size=16), 16, "linearspec"),
+                  RoundBlockSize(AlgorithmSettings(), 32, "fastdiffuser"),
+                  RoundBlockSize(AlgorithmSettings(block_size_cycle=(32, 1)), 32, "linearspec")):
+        assert not fixed.timed and not fixed.plan(fixed.begin_round(2)).timed
+
+
+def test_round_records_feed_the_policy_as_direct_calls_do():
+    """The scheduler folds each round's record into the policy (RoundBlockSize.observe): the
+    same statistics as calling the policy's observers in the round's order."""
+    from sglang_nemodiff.round_plan import RoundRecord
+
+    rounds = [RoundRecord(0.00, ("a", "b"), 8, ((16, 0.010), (16, 0.011)), (3, 7)),
+              RoundRecord(0.03, ("a", "b"), 8, ((16, 0.012), (16, 0.010)), (0, 7)),
+              RoundRecord(0.0, ()),  # a prefill batch ran: the next gap is not a round's
+              RoundRecord(0.09, ("a", "b", "c"), 1, ((3, 0.004),) * 4),
+              RoundRecord(0.11, ("a", "b", "c"), 1, ((3, 0.004),) * 4),
+              RoundRecord(0.13, ("a", "b", "c"), 4, ((12, 0.006), (12, 0.006)), (3, 1, 2))]
+    folded = RoundBlockSize(AlgorithmSettings(ar_steps=4), 32, "linearspec")
+    for record in rounds:
+        folded.observe(record)
+    direct = BlockSizePolicy(32, BLOCK_SIZES, 4)
+    for r in rounds:
+        if r.prefill:
+            direct.other_work()
+            continue
+        direct.start_round(frozenset(r.request_ids), r.block_size, now=r.started)
+        for n, sec in r.forward_times:
+            direct.observe_forward(n, sec)
+        if r.block_size == 1:
+            direct.observe_ar_round(r.request_ids)
+        else:
+            direct.observe_round(r.block_size, r.accepted, r.request_ids)
+    a, b = folded.policy, direct
+    assert a.rates(3, [50, 50, 50], ["a", "b", "c"]) == b.rates(3, [50, 50, 50], ["a", "b", "c"])
+    assert a.acceptance.rates() == b.acceptance.rates() and a.acceptance.rates()
+    assert a.period.keys() == b.period.keys() == {8, 1}  # the prefill gap measured no period
+    assert a.overhead.cost(2) == b.overhead.cost(2) is not None
+
+
+def test_no_forward_is_timed_at_a_fixed_block_size():
+    """Timing is for the policy's cost table only: an untimed plan starts no timer (on a GPU a
+    timed forward records CUDA events); a timed one times every forward once."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sglang_nemodiff.algorithms.base import NLDBlockAlgorithm
+
+    class Timer:
+        started = 0
+
+        def start(self, on_cuda):
+            Timer.started += 1
+            return 0.0
+
+        def stop(self, started, n, observe):
+            observe(n, 0.001)
+
+    algo = NLDBlockAlgorithm.__new__(NLDBlockAlgorithm)  # the pass helper alone, no SGLang config
+    algo.timer = Timer()
+    runner = SimpleNamespace(model=SimpleNamespace(pass_options=SimpleNamespace(causal=None, draft_lora=False)),
+                             forward=lambda batch, pp_proxy_tensors=None: "out")
+    batch = SimpleNamespace(input_ids=torch.zeros(8, dtype=torch.long))
+    algo._forward_times = None  # a fixed plan
+    assert algo.forward_pass(runner, batch, causal=True) == "out" and Timer.started == 0
+    algo._forward_times = []  # a timed plan
+    algo.forward_pass(runner, batch, causal=False, draft_lora=True)
+    assert Timer.started == 1 and algo._forward_times == [(8, 0.001)]
+    assert runner.model.pass_options.causal is None and runner.model.pass_options.draft_lora is False
+
+
 def test_settings_block_size(tmp_path):
     (tmp_path / "c.yaml").write_text("block_size: 16\n")
     settings = load_settings(str(tmp_path / "c.yaml"))

@@ -18,6 +18,7 @@ request's sampling parameters; every forward is counted per request (`RoundResul
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -27,13 +28,14 @@ from sglang.srt.dllm.algorithm.base import DllmAlgorithm, DllmRunOutput
 from sglang.srt.dllm.config import DllmConfig
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
-from sglang_nemodiff import block_policy, kernels
+from sglang_nemodiff import kernels
 from sglang_nemodiff.algorithms import emits_first_token
 from sglang_nemodiff.algorithms.ar_steps import run_ar_steps
 from sglang_nemodiff.algorithms.grammar import mask_next_slot
 from sglang_nemodiff.algorithms.sampling import BatchSampling, sample_from
 from sglang_nemodiff.algorithms.timing import ForwardTimer
 from sglang_nemodiff.config import ARCHITECTURE
+from sglang_nemodiff.round_plan import RoundPlan, RoundRecord
 from sglang_nemodiff.settings import AlgorithmSettings
 from sglang_nemodiff.stats import RoundResult
 
@@ -94,6 +96,8 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         self.round_reqs: Optional[list] = None  # set before every run (dllm_round_requests)
         self.eos_id: Optional[int] = None
         self.timer = ForwardTimer()
+        # (query tokens, seconds) of the current round's forwards, when its plan is timed.
+        self._forward_times: Optional[list] = None
 
     @classmethod
     def configure_server_args(cls, server_args) -> None:
@@ -152,9 +156,6 @@ class NLDBlockAlgorithm(DllmAlgorithm):
             # Causal prefill of uncached committed tokens; the token after it is the seed.
             if forward_batch.input_ids.numel() == 0:
                 return None, [], None, None, False
-            policy_state = block_policy.state()
-            if policy_state is not None:  # not a block round's overhead (block_policy.py)
-                policy_state.policy.other_work()
             out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
             logits = sampling.adjust(out.logits_output.next_token_logits.unsqueeze(1))
             mask_next_slot(logits, sampling, 0)
@@ -165,38 +166,39 @@ class NLDBlockAlgorithm(DllmAlgorithm):
             if sampling.wants_logprobs:
                 set_first_token_logprobs(out.logits_output,
                                          sampling.token_logprobs(logits, seeds, [1] * bs), sampling)
-            results = [RoundResult(passes=(("prefill", 1),), tokens=1)] * bs
+            # The block policy hears of it: the time until the next round is not a round's.
+            record = RoundRecord(started=0.0, request_ids=()) if self.round_reqs is not None else None
+            results = [RoundResult(passes=(("prefill", 1),), tokens=1, record=record)] * bs
             return out.logits_output, seeds[:, 0].tolist(), None, results, out.can_run_graph
 
         if self.eos_id is None:
             eos = model_runner.model_config.hf_config.eos_token_id
             self.eos_id = eos[0] if isinstance(eos, (list, tuple)) else eos
         block_size = forward_batch.input_ids.numel() // bs
-        policy_state = block_policy.state()
-        if policy_state is not None:  # the policy times the period between rounds
-            policy_state.policy.start_round(
-                self._request_ids(bs), 1 if self.is_ar_round(bs, block_size) else block_size)
+        plan = self.round_plan(bs, block_size)
+        assert plan.slots == block_size, (plan, block_size)
+        started = time.perf_counter()
+        self._forward_times = [] if plan.timed else None
         block = forward_batch.input_ids.view(bs, block_size)
-        if self.is_ar_round(bs, block_size):
-            return self._ar_round(model_runner, forward_batch, block, sampling)
+        if self.takes_ar_steps and plan.ar_steps:
+            return self._ar_round(model_runner, forward_batch, block, sampling, started)
         fill = self.fill_block(model_runner, forward_batch, block, sampling)
         # One causal pass over the finished block: causal KV for every slot, logits per slot.
         out = self.forward_pass(model_runner, forward_batch, causal=True)
         verify = out.logits_output.full_logits.view(bs, block_size, -1)
         keep, accepted, bonus = self.accept(block, verify, sampling, fill)
         keep_list = keep.tolist()
-        self.flush_forward_times()
         accepted_list = accepted.tolist() if accepted is not None else [None] * bs
+        record = self._round_record(started, bs, block_size,
+                                    tuple(accepted_list) if accepted is not None else None)
         tokens, logprobs = self._emitted(block, keep, bonus, sampling,
                                          lambda: self.emission_logits(verify, sampling, block, fill))
         row_forwards = fill.row_forwards or [fill.forwards] * bs
         results = [RoundResult(passes=((self.fill_pass, row_forwards[i]), (self.commit_pass, 1)),
                                tokens=keep_list[i], keep=keep_list[i],
                                accepted=accepted_list[i], block_size=block_size,
-                               logprobs=logprobs[i])
+                               logprobs=logprobs[i], record=record)
                    for i in range(bs)]
-        if policy_state is not None and accepted is not None:  # the policy learns acceptance
-            policy_state.policy.observe_round(block_size, accepted_list, self._request_id_list(bs))
         return out.logits_output, tokens, None, results, out.can_run_graph
 
     @staticmethod
@@ -221,41 +223,38 @@ class NLDBlockAlgorithm(DllmAlgorithm):
     # Modes whose B = 1 is AR itself (LinearSpec) take it as AR steps (ar_steps.py).
     takes_ar_steps = False
 
-    def is_ar_round(self, bs: int, block_size: int) -> bool:
-        """A B = 1 round: one slot, or the `ar_steps` slots the scheduler placed for it
-        (patches/dllm_req_fill_ids.py marks its requests)."""
-        if not self.takes_ar_steps:
-            return False
-        if block_size == 1:
-            return True
+    def round_plan(self, bs: int, block_size: int) -> RoundPlan:
+        """The plan the scheduler placed this round's blocks with (one for every request of
+        the round: patches/dllm_req_fill_ids.py); a fixed, untimed one when the requests are not
+        known (unit tests drive the algorithms directly)."""
         reqs = self.round_reqs
-        return (reqs is not None and len(reqs) == bs
-                and all(getattr(r, "nemodiff_ar_round", False) for r in reqs))
+        plan = getattr(reqs[0], "nemodiff_plan", None) if reqs and len(reqs) == bs else None
+        return plan if plan is not None else RoundPlan.fixed(block_size)
 
-    def _ar_round(self, model_runner, forward_batch, block, sampling: BatchSampling) -> DllmRunOutput:
-        bs, slots = block.shape
+    def _round_record(self, started: float, bs: int, block_size: int,
+                      accepted: Optional[tuple]) -> Optional[RoundRecord]:
+        """End of a round: its forward timings (read now: timing.py reads CUDA events once per
+        round) and acceptance, for the block policy, if the plan asked for them."""
+        if self._forward_times is None:
+            return None
+        times = self._forward_times
+        self.timer.flush(lambda n, s: times.append((n, s)))
+        self._forward_times = None
+        return RoundRecord(started=started, request_ids=tuple(r.rid for r in self.round_reqs),
+                           block_size=block_size, forward_times=tuple(times), accepted=accepted)
+
+    def _ar_round(self, model_runner, forward_batch, block, sampling: BatchSampling,
+                  started: float) -> DllmRunOutput:
+        bs = block.shape[0]
         steps = run_ar_steps(self, model_runner, forward_batch, block, sampling)
         tokens, logprobs = self._emitted(block, steps.keep, steps.bonus, sampling, lambda: steps.logits)
         keep_list = steps.keep.tolist()
-        self.flush_forward_times()
-        policy_state, request_ids = block_policy.state(), self._request_id_list(bs)
-        if policy_state is not None and request_ids is not None:
-            policy_state.policy.observe_ar_round(request_ids)
+        record = self._round_record(started, bs, 1, None)
         results = [RoundResult(passes=(("ar_step", keep_list[i]),), tokens=keep_list[i], keep=keep_list[i], accepted=0,
-                               block_size=1, slots=slots, steps=keep_list[i], logprobs=logprobs[i])
+                               block_size=1, steps=keep_list[i], logprobs=logprobs[i],
+                               record=record)
                    for i in range(bs)]
         return steps.logits_output, tokens, None, results, False
-
-    def _request_ids(self, bs: int) -> frozenset:
-        if self.round_reqs is not None and len(self.round_reqs) == bs:
-            return frozenset(req.rid for req in self.round_reqs)
-        return frozenset(range(bs))
-
-    def _request_id_list(self, bs: int) -> Optional[list]:
-        """The round's request ids in row order (None when the requests are not known)."""
-        if self.round_reqs is not None and len(self.round_reqs) == bs:
-            return [req.rid for req in self.round_reqs]
-        return None
 
     @staticmethod
     def next_tokens(logits: torch.Tensor, sampling: BatchSampling, stream: int) -> torch.Tensor:
@@ -274,22 +273,15 @@ class NLDBlockAlgorithm(DllmAlgorithm):
     def forward_pass(self, model_runner, forward_batch, causal: bool, draft_lora: bool = False):
         options = model_runner.model.pass_options
         options.causal, options.draft_lora = causal, draft_lora
-        policy_state = block_policy.state()  # None at a fixed block size: nothing to time
-        started = (self.timer.start(forward_batch.input_ids.is_cuda)
-                   if policy_state is not None else None)
+        times = self._forward_times  # None unless the plan is timed (a fixed B times nothing)
+        started = self.timer.start(forward_batch.input_ids.is_cuda) if times is not None else None
         try:
             out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
         finally:
             options.causal, options.draft_lora = None, False
         if started is not None:  # for the policy's cost table (timing.py: no per-forward sync)
-            self.timer.stop(started, forward_batch.input_ids.numel(),
-                            policy_state.policy.observe_forward)
+            self.timer.stop(started, forward_batch.input_ids.numel(), lambda n, s: times.append((n, s)))
         return out
-
-    def flush_forward_times(self) -> None:
-        """End of a round (its results are on the host): report queued device timings."""
-        policy_state = block_policy.state()
-        self.timer.flush(policy_state.policy.observe_forward if policy_state is not None else None)
 
     def emission_logits(self, verify, sampling: BatchSampling, block, fill: BlockFill):
         """[bs, B, V] logits whose slot j produced emitted token j (for logprobs)."""

@@ -1,7 +1,8 @@
 """Block positions at the round's block size. `ForwardBatch.init_new` lays out a DLLM_EXTEND
 batch's positions (and prompt mask) as `dllm_config.block_size` slots per request; a LinearSpec
-round under `block_size: auto` may use fewer (block_policy.py). The batch is built with a copy
-of the config that carries the round's B, which every request of the round shares."""
+round under `block_size: auto` may place fewer: the round's plan (round_plan.py,
+`req.nemodiff_plan`, one object shared by every request of the round) says how many. The batch is
+built with a copy of the config that carries them."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ def init_new(original, cls, batch, model_runner, *args, **kwargs):
     if (config is None or not is_nemodiff_algorithm(config.algorithm)
             or not batch.forward_mode.is_dllm_extend() or not batch.reqs):
         return original(cls, batch, model_runner, *args, **kwargs)
-    block_size = batch.reqs[0].extend_end - batch.reqs[0].dllm_block_offset
-    assert all(r.extend_end - r.dllm_block_offset == block_size for r in batch.reqs), \
-        "the requests of one round share its block size"
+    plan = batch.reqs[0].nemodiff_plan
+    assert all(r.nemodiff_plan == plan for r in batch.reqs), "the requests of one round share its plan"
+    block_size = plan.slots
     if block_size == config.block_size:
         return original(cls, batch, model_runner, *args, **kwargs)
     batch.dllm_config = copy.copy(config)

@@ -2,12 +2,13 @@
 appends the block after all committed tokens; NLD's block is `[seed, MASK × (B-1)]` where the seed
 is the last committed token and is not yet in the KV cache (see algorithms/base.py).
 
-B is the round's (block_policy.py): every request of a decode round gets the same B, decided once
-per scheduling step when the first block of the step is placed. A B = 1 round places `ar_steps`
-slots and marks its requests (`req.nemodiff_ar_round`): the algorithm fills them with AR steps. A step starts in
+Every request of a decode round gets the same plan (round_plan.py: B, the slots placed, whether
+AR steps), decided once per scheduling step by the scheduler's planner (block_policy.py) when the
+first block of the step is placed, and carried on the request (`req.nemodiff_plan`). A B = 1
+round places `ar_steps` slots: the algorithm fills them with AR steps. A step starts in
 `DllmManager.init_next_round`, which places the next block of every request that just ran.
 A request waiting with a block placed in an earlier step (a prefill round ran in between, or
-the pool had no room) keeps its block, and the step takes its size.
+the pool had no room) keeps its block and plan, and the step takes that plan.
 
 A request takes from the radix cache at most the whole blocks before its seed
 (`dllm_block_offset`), so its prefill always has a token to encode. Stock SGLang's
@@ -36,41 +37,31 @@ TARGETS = (
 
 class _Step:
     manager = None  # the DllmManager of this process (one scheduler per process)
-    slots = None  # block slots of the current scheduling step's rounds (decided once per step)
-    ar_round = False  # whether they are a B = 1 round's AR steps (algorithms/ar_steps.py)
+    plan = None  # the current scheduling step's RoundPlan (decided once per step)
     replacing = frozenset()  # ids of the requests whose block this step re-places
 
 
-def _round_state(dllm_config):
-    from sglang_nemodiff.algorithms import mode_of
-    from sglang_nemodiff.block_policy import init_state, state
-    from sglang_nemodiff.settings import AlgorithmSettings
-
-    return state() or init_state(AlgorithmSettings.from_mapping(dllm_config.algorithm_config),
-                                 dllm_config.block_size, mode_of(dllm_config.algorithm))
-
-
-def _decide(dllm_config) -> tuple:
-    """(slots, whether an AR-steps round) for the current scheduling step."""
+def _decide(dllm_config):
+    """The RoundPlan of the current scheduling step."""
     from sglang.srt.dllm.mixin.req import DllmReqPhase
 
-    round_state = _round_state(dllm_config)
+    from sglang_nemodiff.block_policy import round_planner
+
     manager = _Step.manager
+    planner = round_planner(manager, dllm_config)
     queued = [r for r in (manager.waiting_queue if manager is not None else []) if not r.finished()]
     staged = [r for r in queued
               if r.dllm_phase == DllmReqPhase.STAGING_DECODE and id(r) not in _Step.replacing
               and r.dllm_initialized and len(r.full_untruncated_fill_ids) > r.dllm_block_offset]
     if staged:
-        # Blocks placed in an earlier step were placed together: one size, one kind.
-        first = max(staged, key=lambda r: len(r.full_untruncated_fill_ids) - r.dllm_block_offset)
-        return (len(first.full_untruncated_fill_ids) - first.dllm_block_offset,
-                getattr(first, "nemodiff_ar_round", False))
+        # Blocks placed in an earlier step were placed together, with one plan.
+        return staged[0].nemodiff_plan
     # The decode batch this step forms: every queued request that has its first token.
     decoding = [r for r in queued if r.output_ids][:dllm_config.max_running_requests]
     batch = max(len(decoding), 1)
-    block_size = _broadcast(round_state.begin_round(batch, [_budget(r) for r in decoding],
-                                                    [r.rid for r in decoding]))
-    return round_state.slots(block_size), block_size == 1
+    block_size = _broadcast(planner.begin_round(batch, [_budget(r) for r in decoding],
+                                                [r.rid for r in decoding]))
+    return planner.plan(block_size)
 
 
 def _budget(req) -> int:
@@ -101,18 +92,18 @@ def init_fill_ids_for_dllm(original, req):
     if not is_nemodiff_algorithm(req.dllm_config.algorithm) or not req.output_ids:
         # No seed yet: the (chunked) causal prefill of the prompt runs as in stock SGLang.
         return original(req)
-    if _Step.slots is None:
-        _Step.slots, _Step.ar_round = _decide(req.dllm_config)
+    if _Step.plan is None:
+        _Step.plan = _decide(req.dllm_config)
     committed = req.origin_input_ids + req.output_ids
     req.dllm_block_offset = len(committed) - 1
-    req.full_untruncated_fill_ids = committed + array("q", [req.dllm_config.mask_id] * (_Step.slots - 1))
-    req.nemodiff_ar_round = _Step.ar_round  # read by the algorithm (base.is_ar_round)
+    req.full_untruncated_fill_ids = committed + array("q", [req.dllm_config.mask_id] * (_Step.plan.slots - 1))
+    req.nemodiff_plan = _Step.plan  # read by the positions patch, the algorithm and the stash
     req.dllm_initialized = True
 
 
 def init_next_round(original, manager):
     _Step.manager = manager
-    _Step.slots = None
+    _Step.plan = None
     _Step.replacing = frozenset(map(id, manager.staging_queue))
     original(manager)
 

@@ -8,7 +8,8 @@
   by the algorithm, `RoundResult.logprobs`) are appended first, so they stream with the tokens.
 Each request's `RoundResult` (stats.py) is stored once on the request (`req.nemodiff_round`, read
 by the KV stash) and folded into its stats (meta_info), the scheduler's interval stats (log) and,
-with --enable-metrics, the plugin's Prometheus metrics (metrics.py)."""
+with --enable-metrics, the plugin's Prometheus metrics (metrics.py). The round's record, if its
+plan was timed, goes to the scheduler's block policy once (block_policy.py: RoundBlockSize.observe)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,11 @@ def process_batch_result_dllm(original, scheduler, batch, result):
         return original(scheduler, batch, result)
     rounds = result.dllm_algo_state or [None] * batch.batch_size()
     is_block = batch.forward_mode.is_dllm_extend()
+    planner = getattr(scheduler.dllm_manager, "nemodiff_rounds", None)  # block_policy.round_planner
+    if planner is not None:
+        records = {id(r.record): r.record for r in rounds if r is not None and r.record is not None}
+        for record in records.values():
+            planner.observe(record)
     live = []
     metrics = scheduler_metrics(scheduler, mode_of(scheduler.dllm_config.algorithm))
     for i, (req, round_result) in enumerate(zip(batch.reqs, rounds)):
@@ -79,7 +85,7 @@ def process_batch_result_dllm(original, scheduler, batch, result):
         if id(req) not in emitted:  # a middle prefill chunk or a re-encode: no token
             round_result = dataclasses.replace(round_result, tokens=0)
         stats.observe(round_result)
-    stats.maybe_log()
+    stats.maybe_log(planner.last_choice if planner is not None else None)
 
 
 def _emit_first_tokens(scheduler, batch, result) -> set:

@@ -47,7 +47,7 @@ def stash_dllm_context(original, scheduler, req):
     if not is_nemodiff_algorithm(scheduler.dllm_config.algorithm):
         return original(scheduler, req)
     round_result = req.nemodiff_round
-    assert req.extend_end == req.dllm_block_offset + round_result.placed
+    assert req.extend_end == req.dllm_block_offset + req.nemodiff_plan.slots  # the round's plan
     keep = round_result.keep
     context_len = req.dllm_block_offset + keep
     # Invariant: everything committed but the new seed is cached.
