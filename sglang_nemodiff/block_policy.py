@@ -396,8 +396,7 @@ class RoundBlockSize:
 
     def plan(self, block_size: int) -> RoundPlan:
         """The plan of a round of this block size (the one begin_round chose, or rank 0's)."""
-        return RoundPlan(block_size=block_size, slots=self.slots(block_size),
-                         ar_steps=block_size == 1, timed=self.timed)
+        return RoundPlan(block_size=block_size, slots=self.slots(block_size), timed=self.timed)
 
     def observe(self, record: RoundRecord) -> None:
         """What a finished batch tells the policy (once per batch, scheduler side): a prefill

@@ -19,15 +19,19 @@ from typing import Optional
 
 @dataclass(frozen=True)
 class RoundPlan:
-    block_size: int  # the round's B; 1 with ar_steps: AR steps (algorithms/ar_steps.py)
+    block_size: int  # the round's B (1: AR steps in the modes that take them, ar_steps.py)
     slots: int  # block slots placed per request: B, or the AR steps of a B = 1 round
-    ar_steps: bool  # a B = 1 round taken as AR steps
     timed: bool  # the policy chooses B (`block_size: auto`): forwards are timed for it
+
+    @property
+    def ar_steps(self) -> bool:
+        """A B = 1 round, taken as AR steps."""
+        return self.block_size == 1
 
     @classmethod
     def fixed(cls, block_size: int) -> "RoundPlan":
         """A round whose requests carry no plan (unit tests drive the algorithms directly)."""
-        return cls(block_size=block_size, slots=block_size, ar_steps=block_size == 1, timed=False)
+        return cls(block_size=block_size, slots=block_size, timed=False)
 
 
 @dataclass(frozen=True)

@@ -152,10 +152,10 @@ class IntervalStats:
             sizes = ", ".join(f"{b}: {n}" for b, n in sorted(self.block_sizes.items()))
             msg += f", blocks per size: {{{sizes}}}"
         if last_choice is not None:
-            choice = last_choice
-            msg += f", last block size: {choice.block_size} ({choice.reason}, batch {choice.batch_size})"
-            if choice.rates:
-                msg += f", expected tok/s by B: {dict(choice.rates)}"
+            msg += (f", last block size: {last_choice.block_size} ({last_choice.reason}, "
+                    f"batch {last_choice.batch_size})")
+            if last_choice.rates:
+                msg += f", expected tok/s by B: {dict(last_choice.rates)}"
         return msg
 
     def maybe_log(self, last_choice=None) -> None:

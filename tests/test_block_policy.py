@@ -156,8 +156,8 @@ def test_round_plans_are_decided_once_and_timed_only_under_auto():
     from sglang_nemodiff.round_plan import RoundPlan
 
     auto = RoundBlockSize(AlgorithmSettings(ar_steps=4), 32, "linearspec")
-    assert auto.timed and auto.plan(1) == RoundPlan(block_size=1, slots=4, ar_steps=True, timed=True)
-    assert auto.plan(16) == RoundPlan(block_size=16, slots=16, ar_steps=False, timed=True)
+    assert auto.timed and auto.plan(1) == RoundPlan(block_size=1, slots=4, timed=True) and auto.plan(1).ar_steps
+    assert auto.plan(16) == RoundPlan(block_size=16, slots=16, timed=True) and not auto.plan(16).ar_steps
     for fixed in (RoundBlockSize(AlgorithmSettings(block_size=16), 16, "linearspec"),
                   RoundBlockSize(AlgorithmSettings(), 32, "fastdiffuser"),
                   RoundBlockSize(AlgorithmSettings(block_size_cycle=(32, 1)), 32, "linearspec")):

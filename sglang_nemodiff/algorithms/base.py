@@ -189,7 +189,7 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         keep, accepted, bonus = self.accept(block, verify, sampling, fill)
         keep_list = keep.tolist()
         accepted_list = accepted.tolist() if accepted is not None else [None] * bs
-        record = self._round_record(started, bs, block_size,
+        record = self._round_record(started, block_size,
                                     tuple(accepted_list) if accepted is not None else None)
         tokens, logprobs = self._emitted(block, keep, bonus, sampling,
                                          lambda: self.emission_logits(verify, sampling, block, fill))
@@ -231,7 +231,7 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         plan = getattr(reqs[0], "nemodiff_plan", None) if reqs and len(reqs) == bs else None
         return plan if plan is not None else RoundPlan.fixed(block_size)
 
-    def _round_record(self, started: float, bs: int, block_size: int,
+    def _round_record(self, started: float, block_size: int,
                       accepted: Optional[tuple]) -> Optional[RoundRecord]:
         """End of a round: its forward timings (read now: timing.py reads CUDA events once per
         round) and acceptance, for the block policy, if the plan asked for them."""
@@ -249,7 +249,7 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         steps = run_ar_steps(self, model_runner, forward_batch, block, sampling)
         tokens, logprobs = self._emitted(block, steps.keep, steps.bonus, sampling, lambda: steps.logits)
         keep_list = steps.keep.tolist()
-        record = self._round_record(started, bs, 1, None)
+        record = self._round_record(started, 1, None)
         results = [RoundResult(passes=(("ar_step", keep_list[i]),), tokens=keep_list[i], keep=keep_list[i], accepted=0,
                                block_size=1, steps=keep_list[i], logprobs=logprobs[i],
                                record=record)

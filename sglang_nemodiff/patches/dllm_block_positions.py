@@ -1,7 +1,7 @@
 """Block positions at the round's block size. `ForwardBatch.init_new` lays out a DLLM_EXTEND
 batch's positions (and prompt mask) as `dllm_config.block_size` slots per request; a LinearSpec
 round under `block_size: auto` may place fewer: the round's plan (round_plan.py,
-`req.nemodiff_plan`, one object shared by every request of the round) says how many. The batch is
+`req.nemodiff_plan`, the same for every request of the round) says how many. The batch is
 built with a copy of the config that carries them."""
 
 from __future__ import annotations
