@@ -12,7 +12,8 @@ SEED_CAUSAL for an `attn_bidir` the model marked `nemodiff_seed_causal` (config.
 Where it runs: on CUDA the Triton kernel; on CPU the Triton kernel only under `TRITON_INTERPRET=1`
 (Triton has no CPU backend otherwise), else `structured_attention_reference` (plain PyTorch).
 Layers the kernel does not cover (cross attention, sliding window, different K/V head dims, a KV
-cache dtype other than the query's) fall back to the parent's SDPA path.
+cache dtype other than the query's) and a quadratic round's pattern (quadratic_layout.py) fall
+back to the parent's SDPA path (patches/torch_native_extend.py draws that pattern).
 """
 
 from __future__ import annotations
@@ -110,8 +111,10 @@ class NemodiffAttnBackend(TorchNativeAttnBackend):
 
     def forward_extend(self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch,
                        save_kv_cache=True):
+        quadratic = (layer.attn_type == AttentionType.ENCODER_ONLY
+                     and getattr(forward_batch, "nemodiff_layout", None) is not None)
         if (forward_batch.extend_seq_lens is None or forward_batch.extend_prefix_lens is None
-                or not self._kernel_covers(q, k, v, layer)):
+                or quadratic or not self._kernel_covers(q, k, v, layer)):
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
         meta = self.extend_metadata
         if meta is None or meta.extend_seq_lens is not forward_batch.extend_seq_lens:

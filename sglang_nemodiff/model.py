@@ -12,8 +12,14 @@ runs when `pass_options.draft_lora` is set.
 
 With `causal_seed` (config.py) `attn_bidir` is marked `nemodiff_seed_causal`: the attention
 backends (attention_backend.py, patches/torch_native_extend.py) keep each block's first row causal,
-and the draft LoRA skips those rows (`pass_options.seed_rows`), so the seed runs exactly as in a
+and the draft LoRA skips those rows (`pass_options.base_rows`), so the seed runs exactly as in a
 causal pass while the masks see it.
+
+A quadratic round's one forward (`pass_options.layout`, quadratic_layout.py) runs `attn_bidir`
+with the round's pattern, which the model hands the attention backends on the batch it forwards
+(`forward_batch.nemodiff_layout`): block rows causal, each mask group over its block prefix and
+itself; the draft LoRA on the mask rows only (the block rows' logits are AR's); its logits are
+returned per row as computed (no slot shift: the algorithm reads block and group rows apart).
 """
 
 from __future__ import annotations
@@ -59,9 +65,11 @@ class PassOptions:
         self.ar_mode = ar_mode  # the checkpoint's `ar_mode` flag: every pass causal
         self.causal: Optional[bool] = None  # None: causal unless a DLLM_EXTEND batch
         self.draft_lora = False
-        # Bidirectional passes of a causal_seed model: [T] bool, True on each block's seed row
-        # (set by the model per forward).
-        self.seed_rows: Optional[torch.Tensor] = None
+        # A quadratic round's layout (quadratic_layout.py): its one forward is of that kind.
+        self.layout = None
+        # Draft passes: [T] bool, True on rows that run the base weights (a causal_seed model's
+        # block seeds; a quadratic round's block rows), set by the model per forward.
+        self.base_rows: Optional[torch.Tensor] = None
 
     def uses_causal_attention(self, forward_batch: ForwardBatch) -> bool:
         if self.ar_mode:
@@ -71,10 +79,12 @@ class PassOptions:
         return not forward_batch.forward_mode.is_dllm_extend()
 
     def kind(self, forward_batch: ForwardBatch) -> str:
-        """The pass kind the next forward runs: "causal", "bidirectional" or "draft"
-        (bidirectional with the draft LoRA)."""
+        """The pass kind the next forward runs: "causal", "bidirectional", "draft"
+        (bidirectional with the draft LoRA) or "quadratic"."""
         if self.uses_causal_attention(forward_batch):
             return "causal"
+        if self.layout is not None:
+            return "quadratic"
         return "draft" if self.draft_lora else "bidirectional"
 
 
@@ -97,7 +107,7 @@ class GraphPassGuard:
             raise RuntimeError(
                 f"A CUDA graph captured for a {captured} {forward_mode.name} pass would be replayed "
                 f"for a {kind} pass; the NLD diffusion modes must run without CUDA graphs "
-                "(sglang_nemodiff disables them for --algorithm fastdiffuser/linearspec).")
+                "(sglang_nemodiff disables them for --algorithm fastdiffuser/linearspec/quadratic).")
 
 
 def capturing_cuda_graph() -> bool:
@@ -194,16 +204,16 @@ class NLDAttention(nn.Module):
         attn = self.attn if self.pass_options.uses_causal_attention(forward_batch) else self.attn_bidir
         attn_out = attn(q, k, v, forward_batch)
         draft = self.pass_options.draft_lora
-        seed_rows = self.pass_options.seed_rows if draft else None
+        base_rows = self.pass_options.base_rows if draft else None
         out, _ = (self.draft_o_proj if draft and self.draft_o_proj is not None else self.o_proj)(attn_out)
-        if draft and self.draft_o_proj is not None and seed_rows is not None:
-            base, _ = self.o_proj(attn_out[seed_rows])  # seeds run the base weights
-            out[seed_rows] = base
+        if draft and self.draft_o_proj is not None and base_rows is not None:
+            base, _ = self.o_proj(attn_out[base_rows])  # these rows run the base weights
+            out[base_rows] = base
         if self.draft_lora_a is not None and draft:
             low_rank, _ = self.draft_lora_a(attn_out)
             delta, _ = self.draft_lora_b(low_rank)
-            if seed_rows is not None:
-                delta = delta.masked_fill(seed_rows[:, None], 0.0)
+            if base_rows is not None:
+                delta = delta.masked_fill(base_rows[:, None], 0.0)
             out = out + delta * self.draft_lora_scale
         return out
 
@@ -297,17 +307,25 @@ class NemotronLabsDiffusionModel(nn.Module):
         if capturing_cuda_graph():
             self.graph_guard.record(forward_batch.forward_mode, self.pass_options.kind(forward_batch))
         options = self.pass_options
-        if self.config.causal_seed and not options.uses_causal_attention(forward_batch):
+        causal = options.uses_causal_attention(forward_batch)
+        quadratic = options.layout if not causal else None
+        if quadratic is not None:
+            # Every request's round has the layout's T rows; the block rows run the base weights.
+            _, _, adapter_rows = quadratic.tensors(input_ids.device)
+            options.base_rows = ~adapter_rows.repeat(forward_batch.batch_size)
+        elif self.config.causal_seed and not causal:
             # Each request's block starts at a multiple of B (DLLM_EXTEND blocks are uniform).
             block = input_ids.numel() // forward_batch.batch_size
-            options.seed_rows = torch.arange(input_ids.numel(), device=input_ids.device) % block == 0
+            options.base_rows = torch.arange(input_ids.numel(), device=input_ids.device) % block == 0
+        forward_batch.nemodiff_layout = quadratic  # the attention backends draw its pattern
         try:
             hidden = self.encoder(input_ids, positions, forward_batch, input_embeds)
         finally:
-            options.seed_rows = None
+            options.base_rows = None
+            forward_batch.nemodiff_layout = None
         out = self.logits_processor(input_ids, hidden, self.diffusion_head, forward_batch)
         if (self.config.shift_logits and out.full_logits is not None
-                and not self.pass_options.uses_causal_attention(forward_batch)):
+                and not causal and quadratic is None):
             # Per-slot logits whatever the draft convention (config.py: shift_logits): the
             # algorithms read row j as the prediction for block slot j.
             bs = forward_batch.batch_size

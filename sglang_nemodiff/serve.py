@@ -2,7 +2,7 @@
 with the bundled model as the default `--model-path` (a bundled model's name, `nld-tiny` or `smol`,
 is also taken as the path: sglang_nemodiff.bundled) and the CPU defaults of
 `sglang_nemodiff.servers` when no CUDA GPU is visible. Every other flag passes through unchanged
-(`--algorithm {ar,fastdiffuser,linearspec}` included)."""
+(`--algorithm {ar,fastdiffuser,linearspec,quadratic}` included)."""
 
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ META_KEYS = ("nemodiff_algorithm", "nemodiff_forwards", "nemodiff_forwards_per_p
              "nemodiff_accept_length")
 # The kinds of forward a request takes part in (`RoundResult.passes`): the causal prompt pass, a
 # LinearSpec round's draft and verify passes, a FastDiffuser round's denoise passes and its causal
-# refresh, a B = 1 round's AR steps.
-PASS_KINDS = ("prefill", "draft", "verify", "denoise", "refresh", "ar_step")
+# refresh, a B = 1 round's AR steps, a quadratic round's one forward.
+PASS_KINDS = ("prefill", "draft", "verify", "denoise", "refresh", "ar_step", "quadratic")
 LOG_INTERVAL_S = 10.0
 
 
@@ -48,6 +48,8 @@ class RoundResult:
     block_size: Optional[int] = None  # block rounds: the block size used (1: AR steps)
     logprobs: Optional[TokenLogprobs] = None
     steps: int = 1  # blocks of block_size the round counts as (a B = 1 round: its AR steps)
+    # Quadratic: the drafts this round made for the request's next block (its next round's d_1..).
+    next_drafts: Optional[tuple] = field(default=None, compare=False, repr=False)
     # The round as the block policy sees it (round_plan.py), one object shared by the round's
     # results; None when the round's plan was not timed.
     record: Optional[RoundRecord] = field(default=None, compare=False, repr=False)

@@ -30,7 +30,7 @@ def test_algorithm_maps_onto_sglang_fields():
     with pytest.raises(ValueError, match="--ar-mode contradicts"):
         map_nemodiff_options({"algorithm": "linearspec", "ar_mode": True}, {})
     with pytest.raises(ValueError, match="Unknown --algorithm"):
-        map_nemodiff_options({"algorithm": "quadratic"}, {})
+        map_nemodiff_options({"algorithm": "cubic"}, {})
     with pytest.raises(ValueError, match="contradicts --dllm-algorithm"):
         map_nemodiff_options({"algorithm": "linearspec"}, {"dllm_algorithm": "NemodiffFastDiffuser"})
 

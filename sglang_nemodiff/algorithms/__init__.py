@@ -7,6 +7,7 @@ ALGORITHMS = {
     "ar": None,
     "fastdiffuser": "NemodiffFastDiffuser",
     "linearspec": "NemodiffLinearSpec",
+    "quadratic": "NemodiffQuadratic",
 }
 MODES = {class_name: mode for mode, class_name in ALGORITHMS.items() if class_name}
 
@@ -34,7 +35,8 @@ def algorithm_classes() -> dict:
     """Class name -> class, for SGLang's `algo_name_to_cls` (imports SGLang)."""
     from sglang_nemodiff.algorithms.fastdiffuser import NemodiffFastDiffuser
     from sglang_nemodiff.algorithms.linearspec import NemodiffLinearSpec
+    from sglang_nemodiff.algorithms.quadratic import NemodiffQuadratic
 
-    classes = (NemodiffFastDiffuser, NemodiffLinearSpec)
+    classes = (NemodiffFastDiffuser, NemodiffLinearSpec, NemodiffQuadratic)
     assert {cls.__name__: cls.mode_name for cls in classes} == MODES
     return {cls.__name__: cls for cls in classes}

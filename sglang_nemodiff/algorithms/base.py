@@ -182,6 +182,14 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         block = forward_batch.input_ids.view(bs, block_size)
         if self.takes_ar_steps and plan.ar_steps:
             return self._ar_round(model_runner, forward_batch, block, sampling, started)
+        return self._block_round(model_runner, forward_batch, plan, sampling, started)
+
+    def _block_round(self, model_runner, forward_batch: ForwardBatch, plan: RoundPlan,
+                     sampling: BatchSampling, started: float) -> DllmRunOutput:
+        """A round over `[seed, MASK x (B-1)]` blocks: the mode's bidirectional passes fill the
+        block, one causal pass verifies it (quadratic.py replaces this with its one forward)."""
+        bs, block_size = forward_batch.batch_size, plan.slots
+        block = forward_batch.input_ids.view(bs, block_size)
         fill = self.fill_block(model_runner, forward_batch, block, sampling)
         # One causal pass over the finished block: causal KV for every slot, logits per slot.
         out = self.forward_pass(model_runner, forward_batch, causal=True)

@@ -1,10 +1,17 @@
 """`DllmConfig.from_server_args` knows block size and mask id only for a hard-coded table of
-models; for the plugin's algorithms they come from the NLD checkpoint and the algorithm YAML."""
+models; for the plugin's algorithms they come from the NLD checkpoint and the algorithm YAML.
+
+The quadratic mode's round shape is decided here too, once: its block b (the YAML's block_size,
+or NLD's default 16 within the checkpoint's) and the group of masks after each block token,
+which depends on the checkpoint's draft convention (quadratic_layout.py). The config carries
+the layout (`NemodiffDllmConfig.quadratic`) to the planner, and the tokens a round places
+(`round_slots`) to the scheduler's budgets."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
+from sglang.srt.dllm.config import DllmConfig
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 TARGETS = ("sglang.srt.dllm.config.DllmConfig.from_server_args",)
@@ -16,12 +23,35 @@ def is_nemodiff_algorithm(name) -> bool:
     return name is not None and name in ALGORITHMS.values()
 
 
+QUADRATIC_DEFAULT_BLOCK = 16  # NLD's quadratic block size, when the YAML says `auto`
+
+
+class NemodiffDllmConfig(DllmConfig):
+    """SGLang's DllmConfig plus the quadratic round layout (None in the other modes).
+    `block_size` stays the NLD block (SGLang also makes it the KV page size); `round_slots` is
+    what a round places per request, which the scheduler must budget (patches/dllm_kv_pressure.py,
+    patches/dllm_scheduler_finish.py): a quadratic round's L (1 + group) tokens."""
+
+    def __init__(self, *args, quadratic=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.quadratic = quadratic
+
+    @property
+    def round_slots(self) -> int:
+        return self.quadratic.tokens if self.quadratic is not None else self.block_size
+
+
+def round_slots(dllm_config) -> int:
+    """KV slots one round places per request, at most (any DllmConfig)."""
+    return getattr(dllm_config, "round_slots", dllm_config.block_size)
+
+
 def from_server_args(original, server_args):
     from sglang.srt.arg_groups.overrides import resolving_view
     from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.dllm.config import DllmConfig
-
+    from sglang_nemodiff.algorithms import mode_of
     from sglang_nemodiff.config import ARCHITECTURE
+    from sglang_nemodiff.quadratic_layout import QuadraticLayout, group_size
     from sglang_nemodiff.settings import load_settings, max_block_size
 
     cfg = resolving_view(server_args)
@@ -35,9 +65,20 @@ def from_server_args(original, server_args):
         raise ValueError(f"--dllm-algorithm {cfg.dllm_algorithm} serves {ARCHITECTURE} "
                          f"checkpoints; {cfg.model_path} is {arch}")
     settings = load_settings(cfg.dllm_algorithm_config)
-    block_size = max_block_size(settings, getattr(hf_config, "block_size", 32),
-                                cfg.dllm_algorithm_config or "algorithm config")
-    return DllmConfig(
+    checkpoint_block = getattr(hf_config, "block_size", 32)
+    source = cfg.dllm_algorithm_config or "algorithm config"
+    quadratic = None
+    if mode_of(cfg.dllm_algorithm) == "quadratic":
+        if settings.block_size_cycle is not None:
+            raise ValueError(f"{source}: block_size_cycle is not supported by --algorithm quadratic")
+        if settings.block_size == "auto":  # the policy does not choose quadratic rounds (yet)
+            settings = replace(settings, block_size=min(QUADRATIC_DEFAULT_BLOCK, checkpoint_block))
+        block_size = max_block_size(settings, checkpoint_block, source)
+        shift = bool(getattr(hf_config, "shift_logits", False))
+        quadratic = QuadraticLayout(block_size, group_size(block_size, shift))
+    else:
+        block_size = max_block_size(settings, checkpoint_block, source)
+    return NemodiffDllmConfig(
         algorithm=cfg.dllm_algorithm,
         algorithm_config=asdict(settings),
         block_size=block_size,  # the largest block; LinearSpec's rounds may use less
@@ -45,6 +86,7 @@ def from_server_args(original, server_args):
         max_running_requests=cfg.max_running_requests or 1,
         first_done_first_out_mode=False,  # a round always resolves its block
         requires_separate_context_encoding=True,
+        quadratic=quadratic,
     )
 
 

@@ -23,7 +23,7 @@ from http import HTTPStatus
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from sglang_nemodiff.patches.dllm_config import is_nemodiff_algorithm
+from sglang_nemodiff.patches.dllm_config import is_nemodiff_algorithm, round_slots
 
 logger = logging.getLogger("sglang_nemodiff")
 
@@ -60,9 +60,12 @@ def _growth(req, block_size: int, ratio: float) -> int:
 def create_dllm_prefill_adder(original, scheduler, running_bs, running_batch):
     adder = original(scheduler, running_bs, running_batch)
     if is_nemodiff_algorithm(scheduler.dllm_config.algorithm):
+        # A round places up to round_slots tokens per request (a quadratic round more than its
+        # block): the adder must stage them all, and reserve room for them.
+        adder.dllm_block_size = round_slots(scheduler.dllm_config)
         adder.nemodiff_ratio = scheduler.new_token_ratio_tracker.current
         adder.nemodiff_reserve = sum(
-            _growth(req, scheduler.dllm_config.block_size, adder.nemodiff_ratio)
+            _growth(req, adder.dllm_block_size, adder.nemodiff_ratio)
             for req in _holders(scheduler))
     return adder
 
@@ -128,7 +131,7 @@ def get_new_batch_dllm(original, scheduler, running_batch):
     page = scheduler.token_to_kv_pool_allocator.page_size
     free = (scheduler.token_to_kv_pool_allocator.available_size()
             + scheduler.tree_cache.evictable_size())
-    if not holders or free >= 2 * page + scheduler.dllm_config.block_size:
+    if not holders or free >= 2 * page + round_slots(scheduler.dllm_config):
         return None  # not a memory stall
     if len(holders) == 1:
         _abort_unfittable(scheduler, holders[0], free)
@@ -162,7 +165,7 @@ def _abort_unfittable(scheduler, req, free: int):
     from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
     message = (f"The KV cache pool ({scheduler.token_to_kv_pool_allocator.size} tokens) cannot "
-               f"hold this request's next {scheduler.dllm_config.block_size}-token block after "
+               f"hold this request's next {round_slots(scheduler.dllm_config)}-token round after "
                f"{len(req.origin_input_ids) + len(req.output_ids)} tokens; raise "
                "--max-total-tokens or lower max_new_tokens.")
     logger.error("[nemodiff] finishing request %s: %s", req.rid, message)

@@ -7,6 +7,8 @@ AR steps), decided once per scheduling step by the scheduler's planner (block_po
 first block of the step is placed, and carried on the request (`req.nemodiff_plan`). A B = 1
 round places `ar_steps` slots: the algorithm fills them with AR steps. A step starts in
 `DllmManager.init_next_round`, which places the next block of every request that just ran.
+A quadratic round places `[seed, drafts, group masks]` (quadratic_layout.py), its drafts those
+the request's last round made (`RoundResult.next_drafts`).
 A request waiting with a block placed in an earlier step (a prefill round ran in between, or
 the pool had no room) keeps its block and plan, and the step takes that plan.
 
@@ -96,7 +98,16 @@ def init_fill_ids_for_dllm(original, req):
         _Step.plan = _decide(req.dllm_config)
     committed = req.origin_input_ids + req.output_ids
     req.dllm_block_offset = len(committed) - 1
-    req.full_untruncated_fill_ids = committed + array("q", [req.dllm_config.mask_id] * (_Step.plan.slots - 1))
+    mask_id, plan = req.dllm_config.mask_id, _Step.plan
+    if plan.group:
+        # A quadratic round: [seed, the drafts the last round made, masks]; mask ids stand for
+        # drafts not made (the first round, after a re-encode), and are never right but by AR.
+        drafts = list(getattr(getattr(req, "nemodiff_round", None), "next_drafts", None) or ())
+        drafts = (drafts + [mask_id] * plan.block_size)[:plan.block_size - 1]
+        block = array("q", drafts + [mask_id] * (plan.slots - plan.block_size))
+    else:
+        block = array("q", [mask_id] * (plan.slots - 1))
+    req.full_untruncated_fill_ids = committed + block
     req.nemodiff_plan = _Step.plan  # read by the positions patch, the algorithm and the stash
     req.dllm_initialized = True
 

@@ -1,4 +1,4 @@
-"""`--algorithm {ar,fastdiffuser,linearspec}`, `--ar-mode` and `--algorithm-config` on the stock
+"""`--algorithm {ar,fastdiffuser,linearspec,quadratic}`, `--ar-mode` and `--algorithm-config` on the stock
 CLI: added to `ServerArgs.add_cli_args`, mapped onto real ServerArgs fields in `from_cli_args`."""
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ def add_cli_args(result, parser):
     group = parser.add_argument_group("sglang_nemodiff (Nemotron-Labs Diffusion models)")
     group.add_argument("--algorithm", choices=sorted(ALGORITHMS), default=None,
                        help="NLD generation mode: ar (left to right, the default), fastdiffuser "
-                            "(iterative denoising of 32-token blocks) or linearspec (draft a block "
-                            "bidirectionally, verify causally; identical to ar at temperature 0).")
+                            "(iterative denoising of 32-token blocks), linearspec (draft a block "
+                            "bidirectionally, verify causally; identical to ar at temperature 0) or "
+                            "quadratic (one forward verifies a block and drafts the next; identical "
+                            "to ar at temperature 0).")
     group.add_argument("--ar-mode", action="store_true", default=False,
                        help="Set the checkpoint's ar_mode flag (implied by --algorithm ar).")
     group.add_argument("--algorithm-config", default=None,

@@ -10,7 +10,9 @@ once. AR mode keeps the stock function (its output is the accuracy reference).
 
 A bidirectional layer the model marked `nemodiff_seed_causal` (config.py: causal_seed) keeps its
 first query row (the block's seed) causal: `forward_extend` is wrapped to hand that mark, which
-only the layer carries, to the extend function for the duration of the call."""
+only the layer carries, to the extend function for the duration of the call. A quadratic round's
+forward (quadratic_layout.py) hands its layout the same way: the bidirectional layers draw its
+pattern (block rows causal, each mask group over its block prefix and itself)."""
 
 from __future__ import annotations
 
@@ -52,25 +54,31 @@ def run_sdpa_forward_extend(original, backend, query, output, k_cache, v_cache, 
                         is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size)
     return sdpa_extend(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                        extend_prefix_lens, extend_seq_lens, scaling, enable_gqa, causal,
-                       seed_causal=getattr(backend, "_nemodiff_seed_causal", False))
+                       seed_causal=getattr(backend, "_nemodiff_seed_causal", False),
+                       layout=getattr(backend, "_nemodiff_layout", None))
 
 
 def forward_extend(original, backend, q, k, v, layer, forward_batch, save_kv_cache=True):
-    seed_causal = getattr(layer, "nemodiff_seed_causal", False)
-    if not seed_causal:
+    from sglang.srt.layers.radix_attention import AttentionType
+
+    bidirectional = layer.attn_type == AttentionType.ENCODER_ONLY
+    layout = getattr(forward_batch, "nemodiff_layout", None) if bidirectional else None
+    seed_causal = getattr(layer, "nemodiff_seed_causal", False) and layout is None
+    if not seed_causal and layout is None:
         return original(backend, q, k, v, layer, forward_batch, save_kv_cache)
-    backend._nemodiff_seed_causal = True
+    backend._nemodiff_seed_causal, backend._nemodiff_layout = seed_causal, layout
     try:
         return original(backend, q, k, v, layer, forward_batch, save_kv_cache)
     finally:
-        backend._nemodiff_seed_causal = False
+        backend._nemodiff_seed_causal, backend._nemodiff_layout = False, None
 
 
 def sdpa_extend(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                 extend_prefix_lens, extend_seq_lens, scaling=None, enable_gqa=False, causal=False,
-                seed_causal=False):
+                seed_causal=False, layout=None):
     """Each request's extend queries [q_len] over its keys [kv_len] (prefix + extend);
-    `seed_causal` (a bidirectional pass only): query 0 sees the prefix and itself."""
+    `seed_causal` (a bidirectional pass only): query 0 sees the prefix and itself; `layout` (a
+    bidirectional pass only): a quadratic round's pattern."""
     query = query.movedim(0, query.dim() - 2)  # [H, tokens, D]
     start_q = 0
     for seq_idx, (q_len, prefix, kv_len) in enumerate(
@@ -86,6 +94,9 @@ def sdpa_extend(query, output, k_cache, v_cache, req_to_token, req_pool_indices,
         if causal and q_len > 1:  # one query (an AR step, B = 1) sees every key: no mask
             q_pos = torch.arange(prefix, prefix + q_len, device=query.device)
             mask = torch.arange(kv_len, device=query.device)[None, :] <= q_pos[:, None]
+        elif layout is not None:
+            assert q_len == layout.tokens, (q_len, layout)
+            mask = layout.extend_mask(prefix, device=query.device)
         elif seed_causal and q_len > 1:  # the kernels' own definition of the pattern
             mask = build_mask(SEED_CAUSAL, prefix, q_len, device=query.device)
         out = scaled_dot_product_attention(per_req_query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0),

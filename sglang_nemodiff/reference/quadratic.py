@@ -26,33 +26,13 @@ import torch
 
 from sglang_nemodiff.reference.generate import GenerationResult, _finish, _prefill, non_mask_argmax_and_prob
 from sglang_nemodiff.reference.model import NLDReference
-
-
-def group_size(block_size: int, shift_logits: bool) -> int:
-    return block_size - 1 if shift_logits else block_size
+from sglang_nemodiff.quadratic_layout import QuadraticLayout, first_draft_row, group_size  # noqa: F401
 
 
 def quadratic_layout(block_len: int, group: int, device=None):
-    """Position offsets [T] (from ctx), the attention pattern among the new tokens [T, T] and the
-    draft-adapter rows [T] of a round with `block_len` block tokens, then `group` masks after each
-    (T = block_len * (1 + group); block tokens first, then group 0, group 1, ...)."""
-    L, g = block_len, group
-    T = L * (1 + g)
-    offsets = torch.empty(T, dtype=torch.long, device=device)
-    offsets[:L] = torch.arange(L, device=device)
-    owner = torch.empty(T, dtype=torch.long, device=device)  # the block index whose group a row is in
-    owner[:L] = torch.arange(L, device=device)
-    for i in range(L):
-        rows = slice(L + i * g, L + (i + 1) * g)
-        offsets[rows] = torch.arange(i + 1, i + 1 + g, device=device)
-        owner[rows] = i
-    is_mask = torch.zeros(T, dtype=torch.bool, device=device)
-    is_mask[L:] = True
-    col = torch.arange(T, device=device)
-    # every row sees block tokens up to its owner (d rows: causal); mask rows also see their group
-    sees_block = (col[None, :] < L) & (col[None, :] <= owner[:, None])
-    same_group = is_mask[:, None] & is_mask[None, :] & (owner[:, None] == owner[None, :])
-    return offsets, sees_block | same_group, is_mask
+    """Position offsets [T], the attention pattern among the new tokens [T, T] and the
+    draft-adapter rows [T] of a round (quadratic_layout.py, shared with the served mode)."""
+    return QuadraticLayout(block_len, group).tensors(device)
 
 
 def quadratic_generate(model: NLDReference, prompt: list[int], max_new_tokens: int,
@@ -60,7 +40,7 @@ def quadratic_generate(model: NLDReference, prompt: list[int], max_new_tokens: i
                        use_draft_lora: bool = True) -> GenerationResult:
     c = model.config
     mask_id, g = c.mask_token_id, group_size(block_size, c.shift_logits)
-    first_draft = 0 if c.shift_logits else 1  # group row that drafts the slot after the bonus
+    first_draft = first_draft_row(c.shift_logits)
     device = model.diffusion_head.weight.device
     cache, seed = _prefill(model, prompt)
     tokens, forwards, accepted = [seed], 1, []

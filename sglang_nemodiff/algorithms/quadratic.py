@@ -1,0 +1,69 @@
+"""Quadratic self-speculation: one forward per round verifies the current block and drafts the
+next one for every possible acceptance length (quadratic_layout.py has the round's shape).
+
+The scheduler places `[d_0, d_1..d_{L-1}, L groups of masks]` at the seed (d_0 is the seed, the
+last round's bonus; d_1.. the drafts that round made, mask ids where none were made:
+patches/dllm_req_fill_ids.py) with the layout's positions (patches/dllm_block_positions.py).
+One forward then gives, on the block rows, AR's logits after each d_i (causal, base weights) and,
+on group i, the drafts of the block that follows if d_0..d_i are accepted (draft adapter).
+
+Acceptance is LinearSpec's (linearspec.py): greedy requests keep drafts while they equal the
+causal argmax, sampling requests by speculative sampling against argmax drafts (a point-mass
+q: accept d with probability p(d), else sample the residual), so the output is exactly AR's,
+or has AR's distribution. n = tokens kept (d_0 included): their KV (the first n slots, causal)
+stays, the stash frees the rest. The next block's drafts are group n-1's argmax predictions for
+the slots after the bonus; they ride on the request's RoundResult (`next_drafts`) to its next
+round. Drafts are always argmax here (a sampled draft would need its q kept between rounds)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sglang_nemodiff.algorithms.base import BlockFill, masked_confidence_argmax
+from sglang_nemodiff.algorithms.linearspec import NemodiffLinearSpec
+from sglang_nemodiff.quadratic_layout import first_draft_row
+from sglang_nemodiff.stats import RoundResult
+
+
+class NemodiffQuadratic(NemodiffLinearSpec):
+    mode_name = "quadratic"
+    supports_penalties = True
+    supports_constrained_decoding = False  # grammar drafting/verifying per group: not built
+    supported_attention_backends = ("torch_native", "nemodiff")  # the paths that draw the layout
+    takes_ar_steps = False
+    fill_pass = commit_pass = "quadratic"
+
+    def _block_round(self, model_runner, forward_batch, plan, sampling, started):
+        layout = plan.layout
+        assert layout is not None, f"a quadratic server got a {plan} round"
+        bs, L, g = forward_batch.batch_size, layout.block_len, layout.group
+        ids = forward_batch.input_ids.view(bs, layout.tokens)
+        block = ids[:, :L]
+        options = model_runner.model.pass_options
+        options.layout = layout
+        try:
+            out = self.forward_pass(model_runner, forward_batch, causal=False, draft_lora=True)
+        finally:
+            options.layout = None
+        logits = out.logits_output.full_logits.view(bs, layout.tokens, -1)
+        verify = logits[:, :L]
+        fill = BlockFill(forwards=1)
+        if not sampling.all_greedy:
+            fill.sampled_rows = (~sampling.greedy).nonzero().squeeze(1)  # argmax drafts: q = None
+        keep, accepted, bonus = self.accept(block, verify, sampling, fill)
+        # Group keep-1 drafted the block after the bonus; its rows from first_draft_row on.
+        groups = logits[:, L:].view(bs, L, g, -1)
+        chosen = groups[torch.arange(bs, device=groups.device), (keep - 1).to(groups.device)]
+        shift = bool(getattr(model_runner.model_config.hf_config, "shift_logits", False))
+        drafts, _ = masked_confidence_argmax(chosen[:, first_draft_row(shift):], self.mask_id)
+        drafts = drafts[:, :L - 1].tolist()
+        keep_list, accepted_list = keep.tolist(), accepted.tolist()
+        record = self._round_record(started, L, tuple(accepted_list))
+        tokens, logprobs = self._emitted(block, keep, bonus, sampling, lambda: fill.verify_logits)
+        results = [RoundResult(passes=(("quadratic", 1),), tokens=keep_list[i], keep=keep_list[i],
+                               accepted=accepted_list[i], block_size=L, logprobs=logprobs[i],
+                               record=record, next_drafts=tuple(drafts[i]))
+                   for i in range(bs)]
+        return out.logits_output, tokens, None, results, out.can_run_graph
