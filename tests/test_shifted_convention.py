@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from conftest import generate, generate_many, meta
-from sglang_nemodiff.reference import NLDReference, ar_generate, fastdiffuser_generate, linearspec_generate
+from sglang_nemodiff.reference import (
+    NLDReference,
+    ar_generate,
+    fastdiffuser_generate,
+    linearspec_generate,
+    quadratic_generate,
+)
 from sglang_nemodiff.reference.model import slot_logits
 
 CONVERTED_LAYOUT = dict(shift_logits=True, tie_word_embeddings=True,
@@ -141,6 +147,19 @@ def test_causal_seed_served_equals_oracle(server_pool, seed_causal_checkpoint, s
     expected = [linearspec_generate(seed_causal_reference, ids, 40, eos_id=11) for ids in prompts]
     responses = generate_many(server, prompts, 40)
     assert [r["output_ids"] for r in responses] == [e.tokens for e in expected]
+    assert [meta(r, "nemodiff_forwards") for r in responses] == [e.forwards for e in expected]
+
+
+@pytest.mark.slow
+def test_quadratic_served_equals_oracle_on_the_converted_layout(server_pool, seed_causal_checkpoint,
+                                                                seed_causal_reference, prompts):
+    """Quadratic on a shifted, causal_seed checkpoint (groups of b - 1 masks, the first group row
+    drafts the slot after the bonus) through the nemodiff backend: == AR, the oracle's forwards."""
+    server = server_pool.get(seed_causal_checkpoint, "quadratic", "--attention-backend", "nemodiff")
+    expected = [quadratic_generate(seed_causal_reference, ids, 40, eos_id=11) for ids in prompts]
+    responses = generate_many(server, prompts, 40)
+    assert [r["output_ids"] for r in responses] == [e.tokens for e in expected] == \
+        [ar_generate(seed_causal_reference, ids, 40, eos_id=11).tokens for ids in prompts]
     assert [meta(r, "nemodiff_forwards") for r in responses] == [e.forwards for e in expected]
 
 

@@ -1,0 +1,192 @@
+"""Quadratic self-speculation through the real SGLang runtime, on the bundled model (its draft
+adapter makes drafts that are accepted): identical to AR at temperature 0, one forward per round
+and the oracle's forwards, concurrent batches of mixed prompts, stop strings / EOS /
+max_new_tokens that are not multiples of b, AR's distribution when sampling (with a negative
+control), aborts that free their KV (the strict idle check is on), 400 for grammars."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from conftest import generate, generate_many, meta
+from distribution import ar_step_probs, chi_square_pvalue
+from sglang_nemodiff.bundled import bundled_model_path
+from sglang_nemodiff.reference import NLDReference, ar_generate, quadratic_generate
+
+pytestmark = pytest.mark.slow
+MAX_NEW = 45  # not a multiple of b = 16
+EOS = 11
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import AutoTokenizer
+
+    from sglang_nemodiff.tools.training import heldout_prompt_sets
+
+    path = bundled_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    sets = heldout_prompt_sets(tokenizer, n_per_set=3, continuation_tokens=96)
+    prompts = [p.input_ids for p in sets["continuation"] + sets["edit"]]
+    prompts += [tokenizer("def add(a, b):", add_special_tokens=False).input_ids]  # short
+    return path, NLDReference.from_pretrained(path), tokenizer, prompts
+
+
+@pytest.fixture
+def quadratic(server_pool, model):
+    return server_pool.get(model[0], "quadratic")
+
+
+def test_equals_ar_and_the_oracles_forwards(quadratic, model):
+    """== AR token for token, one by one and 7 at once; == the oracle forward for forward."""
+    _, reference, _, prompts = model
+    expected = [ar_generate(reference, ids, MAX_NEW, eos_id=EOS).tokens for ids in prompts]
+    sequential = [generate(quadratic, ids, MAX_NEW) for ids in prompts]
+    assert [r["output_ids"] for r in sequential] == expected
+    assert [r["output_ids"] for r in generate_many(quadratic, prompts, MAX_NEW)] == expected
+    for ids, response in zip(prompts, sequential):
+        oracle = quadratic_generate(reference, ids, MAX_NEW, eos_id=EOS, block_size=16)
+        assert meta(response, "nemodiff_algorithm") == "quadratic"
+        assert meta(response, "nemodiff_forwards") == oracle.forwards == 1 + meta(response, "nemodiff_blocks")
+        assert meta(response, "nemodiff_forwards_per_pass") == {"prefill": 1, "quadratic": oracle.forwards - 1}
+    accepted = [meta(r, "nemodiff_accept_length") for r in sequential]
+    print("bundled quadratic b=16: tokens/forward", [meta(r, "nemodiff_tokens_per_forward") for r in sequential])
+    assert max(accepted) > 1.5  # drafts are accepted: the test exercises acceptance, not only bonuses
+
+
+def test_stop_strings_eos_and_lengths_like_ar(quadratic, model):
+    path, reference, tokenizer, prompts = model
+    ids = prompts[1]
+    ar = ar_generate(reference, ids, 40, eos_id=EOS).tokens
+    text = tokenizer.decode(ar)
+    stop = text[10:14]
+    assert stop.strip()
+    for params in ({"stop": [stop]}, {"max_new_tokens": 7}, {"max_new_tokens": 33},
+                   {"stop_token_ids": [ar[9]]}):
+        params = {"max_new_tokens": 40, **params}
+        n = params.pop("max_new_tokens")
+        out = generate(quadratic, ids, n, **params)
+        if "stop" in params:
+            assert stop not in out["text"] and text.startswith(out["text"])
+            assert out["meta_info"]["finish_reason"]["type"] == "stop"
+        elif "stop_token_ids" in params:
+            assert out["output_ids"] == ar[:ar.index(ar[9]) + 1]
+        else:
+            assert out["output_ids"] == ar[:n]
+            assert out["meta_info"]["finish_reason"]["type"] == ("stop" if EOS in ar[:n] else "length")
+
+
+def triple_cells(reference, prompt, temperature, top_p, min_pair=0.005):
+    """AR's exact probabilities of the first three tokens, as cells fixed before sampling: every
+    (t1, t2, t3) whose (t1, t2) has probability >= min_pair, and one cell for all other pairs
+    (the third token's distribution is only needed after the likely pairs)."""
+    first = ar_step_probs(reference, prompt, temperature, top_p)
+    cells, other, support = {}, 0.0, set()
+    for t1 in (first > 0).nonzero().flatten().tolist():
+        second = ar_step_probs(reference, prompt + [t1], temperature, top_p)
+        for t2 in (second > 0).nonzero().flatten().tolist():
+            pair = float(first[t1] * second[t2])
+            support.add((t1, t2))
+            if pair < min_pair:
+                other += pair
+                continue
+            third = ar_step_probs(reference, prompt + [t1, t2], temperature, top_p)
+            for t3 in (third > 0).nonzero().flatten().tolist():
+                cells[(t1, t2, t3)] = pair * float(third[t3])
+    return cells, other, support
+
+
+def triple_pvalue(cells, outputs):
+    """(chi-square p-value, samples outside AR's support) of the outputs' first three tokens."""
+    import torch
+
+    cells, other, support = cells
+    keys = sorted(cells)
+    index = {k: i for i, k in enumerate(keys)}
+    expected = torch.tensor([cells[k] for k in keys] + [other])
+    likely = {k[:2] for k in keys}
+    samples, outside = [], 0
+    for ids in outputs:
+        t = tuple(ids[:3])
+        if t in index:
+            samples.append(index[t])
+        elif t[:2] in support and t[:2] not in likely:
+            samples.append(len(keys))  # a pair below min_pair
+        else:
+            outside += 1
+    return chi_square_pvalue(torch.tensor(samples), expected / expected.sum()), outside
+
+
+def test_samples_ar_distribution_with_negative_control(quadratic, model):
+    """600 samples of the first three tokens at temperature 0.7 / top-p 0.9 against AR's exact
+    probabilities; the same samples against AR at temperature 1.0 are rejected (the test bites)."""
+    _, reference, tokenizer, _ = model
+    prompt = tokenizer("    def __init__(self, path):\n        self.", add_special_tokens=False).input_ids
+    response = requests.post(quadratic.url + "/generate", timeout=600, json={
+        "input_ids": [prompt] * 600,
+        "sampling_params": {"max_new_tokens": 3, "ignore_eos": True, "temperature": 0.7, "top_p": 0.9}})
+    response.raise_for_status()
+    outputs = [o["output_ids"] for o in response.json()]
+    accepted = sum(meta(o, "nemodiff_accept_length") > 1 for o in response.json())
+    pvalue, outside = triple_pvalue(triple_cells(reference, prompt, 0.7, 0.9), outputs)
+    wrong, _ = triple_pvalue(triple_cells(reference, prompt, 0.4, 0.9), outputs)
+    print(f"quadratic T=0.7 top_p=0.9: p={pvalue:.3f} (negative control p={wrong:.2e}), "
+          f"{accepted}/600 took a draft")
+    assert outside == 0 and pvalue > 1e-3
+    assert wrong < 1e-4
+    assert accepted > 15  # drafts are accepted at T > 0 too (~45 of 600 here)
+
+
+def test_seeds_reproduce(quadratic, model):
+    prompt = model[3][0]
+    one = generate(quadratic, prompt, 24, temperature=0.8, sampling_seed=7)["output_ids"]
+    assert generate(quadratic, prompt, 24, temperature=0.8, sampling_seed=7)["output_ids"] == one
+
+
+def test_grammar_is_a_400_naming_it(quadratic, model):
+    response = requests.post(quadratic.url + "/generate", timeout=60, json={
+        "input_ids": model[3][0], "sampling_params": {"max_new_tokens": 8, "regex": "[a-z]+"}})
+    assert response.status_code == 400 and "quadratic" in response.text and "regex" in response.text
+
+
+def test_aborted_requests_free_their_kv(quadratic, model):
+    """30 requests aborted mid-generation; the strict idle KV check would kill a leaking server."""
+    url, prompts = quadratic.url, model[3]
+
+    def long_request(i):
+        try:
+            return requests.post(url + "/generate", timeout=120, json={
+                "rid": f"qabort-{i}", "input_ids": prompts[i % len(prompts)],
+                "sampling_params": {"temperature": 0, "max_new_tokens": 300, "ignore_eos": True}}).json()
+        except requests.RequestException as exc:
+            return {"error": str(exc)}
+
+    with ThreadPoolExecutor(30) as pool:
+        futures = [pool.submit(long_request, i) for i in range(30)]
+        time.sleep(1.5)
+        deadline = time.monotonic() + 60
+        while not all(f.done() for f in futures) and time.monotonic() < deadline:
+            for i, f in enumerate(futures):
+                if not f.done():
+                    requests.post(url + "/abort_request", json={"rid": f"qabort-{i}"}, timeout=30)
+            time.sleep(0.5)
+        results = [f.result() for f in futures]
+    finished = [r["meta_info"]["finish_reason"]["type"] for r in results if "meta_info" in r]
+    assert finished.count("abort") >= 20, finished
+    time.sleep(3)  # idle: SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE checks the pool here
+    assert requests.get(url + "/health_generate", timeout=60).status_code == 200
+    assert len(generate(quadratic, prompts[0], 8)["output_ids"]) == 8
+
+
+def test_random_drafts_still_ar_at_concurrency_16(server_pool, tiny_checkpoint, reference, prompts):
+    """A random checkpoint's drafts are garbage: the output must still be AR's, 16 requests at
+    once, with the oracle's forwards (one per round)."""
+    server = server_pool.get(tiny_checkpoint, "quadratic")
+    batch = (list(prompts) * 2)[:16]
+    expected = [ar_generate(reference, ids, 40, eos_id=EOS).tokens for ids in batch]
+    responses = generate_many(server, batch, 40)
+    assert [r["output_ids"] for r in responses] == expected
+    forwards = [quadratic_generate(reference, ids, 40, eos_id=EOS).forwards for ids in prompts]
+    assert [meta(r, "nemodiff_forwards") for r in responses[:len(prompts)]] == forwards
