@@ -11,9 +11,10 @@ SEED_CAUSAL for an `attn_bidir` the model marked `nemodiff_seed_causal` (config.
 
 Where it runs: on CUDA the Triton kernel; on CPU the Triton kernel only under `TRITON_INTERPRET=1`
 (Triton has no CPU backend otherwise), else `structured_attention_reference` (plain PyTorch).
+QUADRATIC for the `attn_bidir` layers of a quadratic round (the layout the model hands over on
+the batch: quadratic_layout.py).
 Layers the kernel does not cover (cross attention, sliding window, different K/V head dims, a KV
-cache dtype other than the query's) and a quadratic round's pattern (quadratic_layout.py) fall
-back to the parent's SDPA path (patches/torch_native_extend.py draws that pattern).
+cache dtype other than the query's) fall back to the parent's SDPA path.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from sglang_nemodiff.kernels.dispatch import triton_interpreting
 from sglang_nemodiff.kernels.structured_attention import (
     BLOCK_BIDIRECTIONAL,
     CAUSAL,
+    QUADRATIC,
     SEED_CAUSAL,
     structured_attention,
     structured_attention_reference,
@@ -90,7 +92,16 @@ class NemodiffAttnBackend(TorchNativeAttnBackend):
             self.extend_metadata = _ExtendMetadata(forward_batch)
 
     @staticmethod
-    def mask_kind(layer: RadixAttention, forward_batch: ForwardBatch) -> int:
+    def quadratic_layout(layer: RadixAttention, forward_batch: ForwardBatch):
+        """A quadratic round's layout, which its bidirectional layers draw (model.py)."""
+        if layer.attn_type != AttentionType.ENCODER_ONLY:
+            return None
+        return getattr(forward_batch, "nemodiff_layout", None)
+
+    @classmethod
+    def mask_kind(cls, layer: RadixAttention, forward_batch: ForwardBatch) -> int:
+        if cls.quadratic_layout(layer, forward_batch) is not None:
+            return QUADRATIC
         if layer.attn_type == AttentionType.ENCODER_ONLY:
             return SEED_CAUSAL if getattr(layer, "nemodiff_seed_causal", False) else BLOCK_BIDIRECTIONAL
         if (layer.attn_type == AttentionType.DECODER_BIDIRECTIONAL
@@ -111,10 +122,8 @@ class NemodiffAttnBackend(TorchNativeAttnBackend):
 
     def forward_extend(self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch,
                        save_kv_cache=True):
-        quadratic = (layer.attn_type == AttentionType.ENCODER_ONLY
-                     and getattr(forward_batch, "nemodiff_layout", None) is not None)
         if (forward_batch.extend_seq_lens is None or forward_batch.extend_prefix_lens is None
-                or quadratic or not self._kernel_covers(q, k, v, layer)):
+                or not self._kernel_covers(q, k, v, layer)):
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
         meta = self.extend_metadata
         if meta is None or meta.extend_seq_lens is not forward_batch.extend_seq_lens:
@@ -127,6 +136,7 @@ class NemodiffAttnBackend(TorchNativeAttnBackend):
 
         o = torch.empty_like(q)
         q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        layout = self.quadratic_layout(layer, forward_batch)
         self.attention(
             q_,
             k.view(-1, layer.tp_k_head_num, layer.qk_head_dim),
@@ -143,5 +153,6 @@ class NemodiffAttnBackend(TorchNativeAttnBackend):
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
             max_extend_len=meta.max_extend_len,
             max_prefix_len=meta.max_prefix_len,
+            quadratic=(layout.block_len, layout.group) if layout is not None else None,
         )
         return o

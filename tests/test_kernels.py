@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from sglang_nemodiff.kernels import (
     BLOCK_BIDIRECTIONAL,
     CAUSAL,
+    QUADRATIC,
     SEED_CAUSAL,
     build_mask,
     confidence_argmax,
@@ -173,6 +174,24 @@ def test_structured_attention_split_kv(num_splits, dtype):
     _run_and_check(batch, kinds, dtype, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads", [(4, 1), (2, 2)], ids=["gqa4", "mha"])
+@launches_kernels
+def test_structured_attention_quadratic(heads, dtype):
+    """Quadratic rounds (L = 3, g = 3: 12 tokens; block 16 tiles split mid-group) beside a causal
+    request, against the reference; negative control: the block-bidirectional pattern differs."""
+    Hq, Hkv = heads
+    kinds = torch.tensor([QUADRATIC, CAUSAL, QUADRATIC], dtype=torch.int32, device=DEV)
+    batch = _make_batch(40 + Hq, Hq, Hkv, 16, dtype, [11, 25, 0], [12, 8, 12])
+    D = batch["q"].shape[-1]
+    out = torch.full_like(batch["q"], float("nan"))
+    structured_attention(**batch, mask_kind=kinds, sm_scale=D ** -0.5, out=out, quadratic=(3, 3))
+    ref = structured_attention_reference(**batch, mask_kind=kinds, sm_scale=D ** -0.5, quadratic=(3, 3))
+    assert (out.float() - ref.float()).abs().max().item() <= ATOL[dtype]
+    bidir = structured_attention_reference(**batch, mask_kind=BLOCK_BIDIRECTIONAL, sm_scale=D ** -0.5)
+    assert (bidir[:12].float() - ref[:12].float()).abs().max().item() > 10 * ATOL[dtype]
+
+
 @launches_kernels
 def test_structured_attention_all_zero_prefix_and_odd_shapes():
     # no prefix at all, head_dim not a power of two, G = 3 (padded to 4), int64 indices
@@ -213,7 +232,16 @@ def test_build_mask_semantics():
                                                       [True, True, True, True],
                                                       [True, True, True, True]]
     with pytest.raises(ValueError):
-        build_mask(3, 1, 3)
+        build_mask(4, 1, 3)
+    # QUADRATIC: the round layout's pattern (quadratic_layout.py) after an all-visible prefix
+    quad = build_mask(QUADRATIC, 2, 6, quadratic=(2, 2))
+    assert quad[:, :2].all() and quad[:, 2:].tolist() == [
+        [True, False, False, False, False, False],  # d_0
+        [True, True, False, False, False, False],  # d_1
+        [True, False, True, True, False, False],  # group 0 (after d_0)
+        [True, False, True, True, False, False],
+        [True, True, False, False, True, True],  # group 1 (after d_1)
+        [True, True, False, False, True, True]]
 
 
 @pytest.mark.parametrize("kind", [CAUSAL, BLOCK_BIDIRECTIONAL], ids=["causal", "bidir"])

@@ -17,6 +17,7 @@ from .confidence import (
 from .structured_attention import (
     BLOCK_BIDIRECTIONAL,
     CAUSAL,
+    QUADRATIC,
     SEED_CAUSAL,
     attention_launch_shape,
     build_mask,
@@ -33,6 +34,7 @@ __all__ = [
     "speculative_accept_reference",
     "CAUSAL",
     "BLOCK_BIDIRECTIONAL",
+    "QUADRATIC",
     "SEED_CAUSAL",
     "build_mask",
     "plan_num_splits",

@@ -9,6 +9,9 @@ one launch, without a dense mask tensor:
   (FastDiffuser denoise, LinearSpec draft).
 * ``SEED_CAUSAL`` (2): block-bidirectional, except that new token 0 (the block's seed) sees only
   the prefix and itself (the draft pass of models with ``causal_seed``, config.py).
+* ``QUADRATIC`` (3): a quadratic self-speculation round of ``quadratic = (L, g)``
+  (quadratic_layout.py): block rows 0..L-1 causal among themselves; the g masks after block token
+  i (rows L + i g ..) see block tokens 0..i and their own group. One (L, g) per launch.
 
 Layout follows SGLang's extend attention: queries/new K/V of all requests are concatenated along
 the token axis (``extend_start_loc``/``extend_lens``), the cached prefix of request b lives at
@@ -50,7 +53,8 @@ from .dispatch import triton_interpreting
 CAUSAL = 0
 BLOCK_BIDIRECTIONAL = 1
 SEED_CAUSAL = 2
-MASK_KINDS = (CAUSAL, BLOCK_BIDIRECTIONAL, SEED_CAUSAL)
+QUADRATIC = 3
+MASK_KINDS = (CAUSAL, BLOCK_BIDIRECTIONAL, SEED_CAUSAL, QUADRATIC)
 
 _LOG2E = 1.4426950408889634
 # Finite "minus infinity" for the running max / empty-split lse (avoids inf - inf = nan).
@@ -89,7 +93,7 @@ def _online_softmax_tile(acc, l_i, m_i, q, k, v, visible, qk_scale, DOT_FP32: tl
 def _structured_attn_fwd(
     Q, K_new, V_new, K_cache, V_cache, O, O_part, Lse_part,
     Req_to_token, Req_pool_idx, Prefix_lens, Extend_start, Extend_lens, Mask_kinds,
-    qk_scale, num_kv_heads,
+    qk_scale, num_kv_heads, quad_len, quad_group,
     stride_qt, stride_qh,
     stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_kct, stride_kch, stride_vct, stride_vch,
@@ -173,7 +177,13 @@ def _structured_attn_fwd(
             j2 = cols[None, :]
             # Row i sees key j if j <= i; BLOCK_BIDIRECTIONAL every key; SEED_CAUSAL every key
             # from rows i > 0 (row 0, the seed, stays causal).
-            vis = ((kind == 1) | (j2 <= i2) | ((kind == 2) & (i2 > 0))) & c_ok[None, :]
+            vis = (kind == 1) | (j2 <= i2) | ((kind == 2) & (i2 > 0))
+            # QUADRATIC: block keys up to the row's owner (a block row owns itself, a mask row
+            # the block token its group follows), and a mask row's own group.
+            owner = tl.where(i2 < quad_len, i2, (i2 - quad_len) // quad_group)
+            vis_q = (((j2 < quad_len) & (j2 <= owner))
+                     | ((i2 >= quad_len) & (j2 >= quad_len) & ((j2 - quad_len) // quad_group == owner)))
+            vis = tl.where(kind == 3, vis_q, vis) & c_ok[None, :]
             ktok = ext_start + cols.to(tl.int64)
             kv_mask = c_ok[:, None] & d_ok[None, :]
             k = tl.load(K_new + ktok[:, None] * stride_knt + kvh * stride_knh + offs_d[None, :],
@@ -280,7 +290,7 @@ def structured_attention(
     q, k_new, v_new, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens,
     extend_start_loc, extend_lens, mask_kind, sm_scale, out=None,
     *, max_extend_len: Optional[int] = None, max_prefix_len: Optional[int] = None,
-    num_splits: Optional[int] = None,
+    num_splits: Optional[int] = None, quadratic: Optional[tuple] = None,
 ):
     """Structured-mask attention for a ragged extend batch over a token-level KV pool.
 
@@ -292,6 +302,7 @@ def structured_attention(
 
     Optional host-side hints avoid device->host syncs: ``max_extend_len`` / ``max_prefix_len``
     (SGLang has them on the CPU already); ``num_splits`` forces the prefix split count.
+    ``quadratic`` = (L, g): the round layout of requests whose kind is QUADRATIC.
     """
     T, Hq, D = q.shape
     Hkv = k_new.shape[1]
@@ -346,7 +357,7 @@ def structured_attention(
     _structured_attn_fwd[grid](
         q, k_new, v_new, k_cache, v_cache, o, o_part, lse_part,
         req_to_token, req_pool_indices, prefix_lens, extend_start_loc, extend_lens, kinds,
-        float(sm_scale) * _LOG2E, Hkv,
+        float(sm_scale) * _LOG2E, Hkv, *(quadratic or (0, 1)),
         q.stride(0), q.stride(1),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
@@ -376,9 +387,16 @@ def structured_attention(
 # --------------------------------------------------------------------------------------------
 
 
-def build_mask(kind: int, prefix_len: int, extend_len: int, device=None) -> torch.Tensor:
+def build_mask(kind: int, prefix_len: int, extend_len: int, device=None,
+               quadratic: Optional[tuple] = None) -> torch.Tensor:
     """Dense bool mask [extend_len, prefix_len + extend_len]; True = query may attend to key."""
     kind = int(kind)
+    if kind == QUADRATIC:
+        from sglang_nemodiff.quadratic_layout import QuadraticLayout
+
+        layout = QuadraticLayout(*quadratic)
+        assert layout.tokens == extend_len, (layout, extend_len)
+        return layout.extend_mask(prefix_len, device=device)
     i = torch.arange(extend_len, device=device)[:, None]
     j = torch.arange(extend_len, device=device)[None, :]
     if kind == CAUSAL:
@@ -396,7 +414,7 @@ def build_mask(kind: int, prefix_len: int, extend_len: int, device=None) -> torc
 
 def structured_attention_reference(
     q, k_new, v_new, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens,
-    extend_start_loc, extend_lens, mask_kind, sm_scale, out=None, **_unused,
+    extend_start_loc, extend_lens, mask_kind, sm_scale, out=None, quadratic=None, **_unused,
 ):
     """Plain PyTorch: gather the prefix through req_to_token, dense mask, fp32 softmax."""
     T, Hq, D = q.shape
@@ -426,7 +444,7 @@ def structured_attention_reference(
         v = v.repeat_interleave(G, dim=1)
         qb = q[s:s + E].float()
         scores = torch.einsum("ihd,jhd->hij", qb, k) * sm_scale
-        mask = build_mask(kinds[b], P, E, device=q.device)
+        mask = build_mask(kinds[b], P, E, device=q.device, quadratic=quadratic)
         scores = scores.masked_fill(~mask[None], float("-inf"))
         p = torch.softmax(scores, dim=-1)
         out[s:s + E] = torch.einsum("hij,jhd->ihd", p, v).to(out.dtype)
