@@ -14,7 +14,7 @@ from sglang_nemodiff.settings import DEFAULT_CONFIG, AlgorithmSettings, load_set
 def test_cli_help_lists_algorithm_options():
     out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"],
                          capture_output=True, text=True, timeout=300).stdout
-    assert "--algorithm {ar,fastdiffuser,linearspec}" in out
+    assert "--algorithm {ar,fastdiffuser,linearspec,quadratic}" in out
     assert "--ar-mode" in out and "--algorithm-config" in out
 
 
