@@ -12,7 +12,7 @@ Per round (live while requests run), from the same `RoundResult`s the requests' 
   that took part (a forward over a batch of 4 counts 4, as each request's `nemodiff_forwards` does).
 - `nemodiff_blocks_total{block_size}`: blocks by the block size the round ran (`auto` shows its
   choices here; an AR-steps round counts its steps as blocks of size 1).
-- `nemodiff_accepted_drafts`: histogram of accepted drafts per drafted block (LinearSpec rounds
+- `nemodiff_accepted_drafts`: histogram of accepted drafts per drafted block (quadratic rounds, LinearSpec rounds
   with B >= 2).
 Per finished request:
 - `nemodiff_requests_total`, `nemodiff_committed_tokens_total` (its output tokens),

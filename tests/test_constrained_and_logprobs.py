@@ -39,16 +39,17 @@ def _logprobs(server, ids, **extra):
                                                            **extra}}).json()["meta_info"]
 
 
-@pytest.mark.parametrize("mode", ["linearspec", "fastdiffuser"])
+@pytest.mark.parametrize("mode", ["linearspec", "fastdiffuser", "quadratic"])
 def test_logprobs_and_scoring(server_pool, tiny_checkpoint, ar_server, prompts, mode):
-    """LinearSpec's tokens are causal-pass tokens: their logprobs (and the prompt's) equal AR
-    mode's. FastDiffuser reports each token's logprob under the pass that committed it."""
+    """LinearSpec's and quadratic's tokens are causal-pass tokens: their logprobs (and the
+    prompt's) equal AR mode's. FastDiffuser reports each token's logprob under the pass that
+    committed it."""
     server = server_pool.get(tiny_checkpoint, mode)
     ar, got = _logprobs(ar_server, prompts[1]), _logprobs(server, prompts[1])
     assert len(got["output_token_logprobs"]) == got["completion_tokens"] == 24
     assert [x[1] for x in got["input_token_logprobs"]] == [x[1] for x in ar["input_token_logprobs"]]
     assert got["input_token_logprobs"][1][0] == pytest.approx(ar["input_token_logprobs"][1][0], abs=1e-4)
-    if mode == "linearspec":
+    if mode in ("linearspec", "quadratic"):
         for key in ("output_token_logprobs", "input_token_logprobs"):
             for a, b in zip(ar[key], got[key]):
                 assert a[1] == b[1] and (a[0] is None or a[0] == pytest.approx(b[0], abs=1e-4))
@@ -83,7 +84,7 @@ def test_fastdiffuser_constrained_output_is_valid(server_pool, tiny_checkpoint, 
     assert set(json.loads(doc)) == {"name", "age"}, doc
 
 
-@pytest.mark.parametrize("mode", ["linearspec", "fastdiffuser"])
+@pytest.mark.parametrize("mode", ["linearspec", "fastdiffuser", "quadratic"])
 def test_parallel_sampling_n(server_pool, tiny_checkpoint, mode):
     """n > 1: n sampled outputs per prompt, as AR mode returns them."""
     server = server_pool.get(tiny_checkpoint, mode)

@@ -65,7 +65,7 @@ def test_seeds_reproduce_and_greedy_stays_ar(server_pool, bundled):
     assert generate(spec, prompt, 24, temperature=0.9, top_k=1)["output_ids"] == greedy
 
 
-@pytest.mark.parametrize("mode", ["ar", "linearspec", "fastdiffuser"])
+@pytest.mark.parametrize("mode", ["ar", "linearspec", "fastdiffuser", "quadratic"])
 def test_openai_defaults_get_an_answer(server_pool, mode):
     """OpenAI clients send no temperature (default 1.0): every mode answers."""
     import openai

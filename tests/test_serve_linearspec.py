@@ -61,7 +61,9 @@ def test_stop_strings_max_tokens_and_eos_like_ar(linearspec_server, ar_server, p
         assert spec["meta_info"]["completion_tokens"] == ar["meta_info"]["completion_tokens"]
 
 
-def test_streaming_matches_non_streaming(linearspec_server, prompts):
+@pytest.mark.parametrize("mode", ["linearspec", "quadratic"])
+def test_streaming_matches_non_streaming(server_pool, tiny_checkpoint, prompts, mode):
+    linearspec_server = server_pool.get(tiny_checkpoint, mode)
     ids = prompts[2]
     full = generate(linearspec_server, ids, 40)
     chunks = []
@@ -166,16 +168,21 @@ def ar_server_in_order(server_pool, tiny_checkpoint):
     # it, SGLang's AR applied them in a per-process order and this case failed 2 runs in 5).
     {"frequency_penalty": 0.3, "repetition_penalty": 1.1, "logit_bias": {"150": 2.5}},
 ])
-def test_penalties_and_bias_equal_ar(linearspec_server, ar_server_in_order, prompts, params):
-    """Slot i of the verify pass is penalised as if drafts 1..i-1 were generated: at T=0 the
-    output equals AR mode with the same penalties (and differs from the unpenalised output)."""
+@pytest.mark.parametrize("mode", ["linearspec", "quadratic"])
+def test_penalties_and_bias_equal_ar(server_pool, tiny_checkpoint, ar_server_in_order, prompts, params, mode):
+    """Slot i of the verify pass (quadratic: of the block rows) is penalised as if drafts 1..i-1
+    were generated: at T=0 the output equals AR mode with the same penalties (and differs from
+    the unpenalised output)."""
+    server = server_pool.get(tiny_checkpoint, mode)
     for ids in prompts[:4]:
         ar = generate(ar_server_in_order, ids, 40, **params)["output_ids"]
-        assert generate(linearspec_server, ids, 40, **params)["output_ids"] == ar, params
+        assert generate(server, ids, 40, **params)["output_ids"] == ar, params
     assert ar != generate(ar_server_in_order, prompts[3], 40)["output_ids"]
 
 
-def test_min_new_tokens_blocks_stop_tokens_like_ar(linearspec_server, ar_server_in_order, prompts):
+@pytest.mark.parametrize("mode", ["linearspec", "quadratic"])
+def test_min_new_tokens_blocks_stop_tokens_like_ar(server_pool, tiny_checkpoint, ar_server_in_order, prompts, mode):
+    linearspec_server = server_pool.get(tiny_checkpoint, mode)
     ids = prompts[2]
     plain = generate(ar_server_in_order, ids, 40)["output_ids"]
     params = {"stop_token_ids": [plain[3]], "min_new_tokens": 12}

@@ -17,7 +17,13 @@ import requests
 
 from conftest import BLOCK32, CPU_ARGS, DENOISE_LORA, SERVER_ENV, bundled_with_random_lora, generate, generate_many, meta
 from sglang_nemodiff.bundled import bundled_model_path
-from sglang_nemodiff.reference import NLDReference, ar_generate, fastdiffuser_generate, linearspec_generate
+from sglang_nemodiff.reference import (
+    NLDReference,
+    ar_generate,
+    fastdiffuser_generate,
+    linearspec_generate,
+    quadratic_generate,
+)
 
 pytestmark = pytest.mark.slow
 MAX_NEW = 48
@@ -34,6 +40,7 @@ CASES = {  # case: (mode, parallel flags); LinearSpec at the oracle's fixed 32-t
     "dp2-linearspec": ("linearspec", ("--dp", "2", *METRICS)),
     # block_size: auto (the default): rank 0's block size per round, broadcast to rank 1; AR's tokens
     "tp2-linearspec-auto": ("linearspec", ("--tp", "2", *METRICS)),
+    "tp2-quadratic": ("quadratic", ("--tp", "2", *METRICS)),
     # Two "nodes" (two launch_server processes, one TP rank each, gloo over loopback)
     "nodes2-ar": ("ar", ("--tp", "2", *NODES2, *METRICS)),
     "nodes2-linearspec": ("linearspec", ("--tp", "2", *NODES2, *METRICS)),
@@ -84,6 +91,8 @@ def oracle(lora_reference, merged_checkpoint, parallel_prompts):
                 fn = lambda ids: ar_generate(lora_reference, ids, MAX_NEW, eos_id=11)  # noqa: E731
             elif mode == "linearspec":
                 fn = lambda ids: linearspec_generate(lora_reference, ids, MAX_NEW, 11)  # noqa: E731
+            elif mode == "quadratic":
+                fn = lambda ids: quadratic_generate(lora_reference, ids, MAX_NEW, 11)  # noqa: E731
             else:
                 fn = lambda ids: fastdiffuser_generate(lora_reference, ids, MAX_NEW, eos_id=11)  # noqa: E731
             results[mode] = [fn(ids) for ids in parallel_prompts]
@@ -135,7 +144,7 @@ def test_equals_the_oracle(parallel_server, parallel_prompts, oracle):
     block of the batch is done, and each request counts the batch's steps."""
     mode = parallel_server.algorithm
     expected = oracle("fastdiffuser-merged" if parallel_server.case == MERGED else mode)
-    tokens = [r.tokens for r in (oracle("ar") if mode == "linearspec" else expected)]
+    tokens = [r.tokens for r in (oracle("ar") if mode in ("linearspec", "quadratic") else expected)]
     together = generate_many(parallel_server, parallel_prompts, MAX_NEW)
     one_by_one = [generate(parallel_server, ids, MAX_NEW) for ids in parallel_prompts]
     assert [r["output_ids"] for r in together] == tokens
@@ -221,8 +230,8 @@ def test_metrics_count_each_request_once(parallel_server, parallel_prompts):
     for r in responses:
         for kind, n in meta(r, "nemodiff_forwards_per_pass").items():
             per_pass[kind] = per_pass.get(kind, 0) + n
-    expected_kinds = ({"prefill", "draft", "verify"} if mode == "linearspec"
-                      else {"prefill", "denoise", "refresh"})
+    expected_kinds = {"linearspec": {"prefill", "draft", "verify"}, "quadratic": {"prefill", "quadratic"},
+                      "fastdiffuser": {"prefill", "denoise", "refresh"}}[mode]
     if case.endswith("auto"):  # the policy may take AR steps only, blocks only, or both
         assert "prefill" in per_pass and set(per_pass) <= expected_kinds | {"ar_step"}
     else:
@@ -237,7 +246,7 @@ def test_metrics_count_each_request_once(parallel_server, parallel_prompts):
     assert moved("nemodiff_tokens_per_forward_count") == len(prompts)
     tpf = sum(meta(r, "nemodiff_tokens_per_forward") for r in responses)
     assert abs(moved("nemodiff_tokens_per_forward_sum") - tpf) < 1e-3
-    if mode == "linearspec":
+    if mode in ("linearspec", "quadratic"):
         blocks = sum(n for size, n in sizes.items() if size != "1")  # AR steps draft nothing
         accepted = sum((meta(r, "nemodiff_accept_length") - 1) * meta(r, "nemodiff_blocks")
                        for r in responses)
