@@ -224,3 +224,35 @@ def meta(response, key):
     return value[-1] if isinstance(value, list) else value
 
 
+
+
+def abort_mid_generation(server, prompts, n_requests: int, max_new_tokens: int, tag: str) -> list:
+    """n_requests long greedy requests, all aborted mid-generation through /abort_request; the
+    finish reason types of those that answered. The server stays up for the caller's checks."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    def long_request(i):
+        try:
+            return requests.post(server.url + "/generate", timeout=120, json={
+                "rid": f"{tag}-{i}", "input_ids": prompts[i % len(prompts)],
+                "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens,
+                                    "ignore_eos": True}}).json()
+        except requests.RequestException as exc:
+            return {"error": str(exc)}
+
+    with ThreadPoolExecutor(n_requests) as pool:
+        futures = [pool.submit(long_request, i) for i in range(n_requests)]
+        time.sleep(1.5)
+        # Abort in passes until every request has returned: on a loaded machine a request can
+        # reach the server after its first abort (an abort of an unknown rid is a no-op).
+        deadline = time.monotonic() + 60
+        while not all(f.done() for f in futures) and time.monotonic() < deadline:
+            for i, f in enumerate(futures):
+                if not f.done():
+                    requests.post(server.url + "/abort_request", json={"rid": f"{tag}-{i}"}, timeout=30)
+            time.sleep(0.5)
+        results = [f.result() for f in futures]
+    return [r["meta_info"]["finish_reason"]["type"] for r in results if "meta_info" in r]

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from sglang_nemodiff.checkpoint import check_checkpoint, write_random_checkpoint
+from sglang_nemodiff.checkpoint import check_checkpoint
 
 
 def _broken_copy(src, dst, *, drop_field=None, drop_tensor=None, reshape_tensor=None):

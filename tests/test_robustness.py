@@ -7,7 +7,6 @@ import random
 import re
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests

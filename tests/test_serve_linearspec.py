@@ -3,12 +3,11 @@ draft LoRA, robustness (stop strings, streaming, 400s, aborts)."""
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from conftest import generate, generate_many, meta
+from conftest import abort_mid_generation, generate, generate_many, meta
 from sglang_nemodiff.reference import ar_generate, linearspec_generate
 
 pytestmark = pytest.mark.slow
@@ -105,28 +104,7 @@ def test_openai_logprobs_equal_ar(linearspec_server, ar_server):
 def test_aborted_requests_free_their_kv(linearspec_server, prompts):
     """50 requests aborted mid-generation; the strict idle KV check would kill a leaking server."""
     url = linearspec_server.url
-
-    def long_request(i):
-        try:
-            return requests.post(url + "/generate", timeout=120, json={
-                "rid": f"abort-{i}", "input_ids": prompts[i % len(prompts)],
-                "sampling_params": {"temperature": 0, "max_new_tokens": 400, "ignore_eos": True}}).json()
-        except requests.RequestException as exc:
-            return {"error": str(exc)}
-
-    with ThreadPoolExecutor(50) as pool:
-        futures = [pool.submit(long_request, i) for i in range(50)]
-        time.sleep(1.5)
-        # Abort in passes until every request has returned: on a loaded machine a request can
-        # reach the server after its first abort (an abort of an unknown rid is a no-op).
-        deadline = time.monotonic() + 60
-        while not all(f.done() for f in futures) and time.monotonic() < deadline:
-            for i, f in enumerate(futures):
-                if not f.done():
-                    requests.post(url + "/abort_request", json={"rid": f"abort-{i}"}, timeout=30)
-            time.sleep(0.5)
-        results = [f.result() for f in futures]
-    finished = [r["meta_info"]["finish_reason"]["type"] for r in results if "meta_info" in r]
+    finished = abort_mid_generation(linearspec_server, prompts, 50, 400, "abort")
     assert finished.count("abort") >= 40, finished
     time.sleep(3)  # idle: SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE checks the pool here
     assert requests.get(url + "/health_generate", timeout=60).status_code == 200

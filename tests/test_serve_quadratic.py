@@ -5,12 +5,11 @@ max_new_tokens that are not multiples of b, AR's distribution when sampling (wit
 control), aborts that free their KV (the strict idle check is on), 400 for grammars."""
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from conftest import generate, generate_many, meta
+from conftest import abort_mid_generation, generate, generate_many, meta
 from distribution import ar_step_probs, chi_square_pvalue
 from sglang_nemodiff.bundled import bundled_model_path
 from sglang_nemodiff.reference import NLDReference, ar_generate, quadratic_generate
@@ -154,26 +153,7 @@ def test_grammar_is_a_400_naming_it(quadratic, model):
 def test_aborted_requests_free_their_kv(quadratic, model):
     """30 requests aborted mid-generation; the strict idle KV check would kill a leaking server."""
     url, prompts = quadratic.url, model[3]
-
-    def long_request(i):
-        try:
-            return requests.post(url + "/generate", timeout=120, json={
-                "rid": f"qabort-{i}", "input_ids": prompts[i % len(prompts)],
-                "sampling_params": {"temperature": 0, "max_new_tokens": 300, "ignore_eos": True}}).json()
-        except requests.RequestException as exc:
-            return {"error": str(exc)}
-
-    with ThreadPoolExecutor(30) as pool:
-        futures = [pool.submit(long_request, i) for i in range(30)]
-        time.sleep(1.5)
-        deadline = time.monotonic() + 60
-        while not all(f.done() for f in futures) and time.monotonic() < deadline:
-            for i, f in enumerate(futures):
-                if not f.done():
-                    requests.post(url + "/abort_request", json={"rid": f"qabort-{i}"}, timeout=30)
-            time.sleep(0.5)
-        results = [f.result() for f in futures]
-    finished = [r["meta_info"]["finish_reason"]["type"] for r in results if "meta_info" in r]
+    finished = abort_mid_generation(quadratic, prompts, 30, 300, "qabort")
     assert finished.count("abort") >= 20, finished
     time.sleep(3)  # idle: SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE checks the pool here
     assert requests.get(url + "/health_generate", timeout=60).status_code == 200

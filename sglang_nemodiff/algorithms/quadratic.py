@@ -17,7 +17,6 @@ round. Drafts are always argmax here (a sampled draft would need its q kept betw
 
 from __future__ import annotations
 
-import time
 
 import torch
 

@@ -40,8 +40,7 @@ in a tile never produces ``inf - inf``.
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import triton
