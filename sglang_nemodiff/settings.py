@@ -14,7 +14,8 @@ BLOCK_SIZES = (1, 2, 4, 8, 16, 32)  # what `block_size: auto` chooses from (up t
 @dataclass(frozen=True)
 class AlgorithmSettings:
     # LinearSpec: "auto" picks the block size per batch (block_policy.py), at most the
-    # checkpoint's; a number fixes it. FastDiffuser always uses the checkpoint's block size.
+    # checkpoint's; a number fixes it. Quadratic: b ("auto": 16 within the checkpoint's,
+    # patches/dllm_config.py). FastDiffuser always uses the checkpoint's block size.
     block_size: int | str = "auto"
     threshold: float = 0.9
     use_lora: bool = True
