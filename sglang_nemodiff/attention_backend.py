@@ -153,6 +153,6 @@ class NemodiffAttnBackend(TorchNativeAttnBackend):
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
             max_extend_len=meta.max_extend_len,
             max_prefix_len=meta.max_prefix_len,
-            quadratic=(layout.block_len, layout.group) if layout is not None else None,
+            quadratic=(layout.block_len, layout.group, layout.groups) if layout is not None else None,
         )
         return o

@@ -371,11 +371,11 @@ class RoundBlockSize:
     settings (fixed, cycle or policy). (Room to the context end needs no cap: a request finishes
     once a block of the largest size would not fit, as in stock SGLang.)"""
 
-    def __init__(self, settings, max_block: int, mode: str, group: int = 0):
+    def __init__(self, settings, max_block: int, mode: str, quadratic=None):
         from sglang_nemodiff.settings import BLOCK_SIZES
 
         self.max_block = max_block
-        self.group = group  # quadratic rounds (fixed b): masks after each block token
+        self.quadratic = quadratic  # the quadratic rounds' layout (fixed b), quadratic_layout.py
         self.fixed = max_block if (mode != "linearspec" or settings.block_size != "auto") else None
         self.cycle = tuple(settings.block_size_cycle) if settings.block_size_cycle else None
         self.policy = BlockSizePolicy(max_block, BLOCK_SIZES, settings.ar_steps)
@@ -393,14 +393,14 @@ class RoundBlockSize:
 
     def slots(self, block_size: int) -> int:
         """Block slots a round of this block size places."""
-        if self.group:
-            return block_size * (1 + self.group)
+        if self.quadratic is not None:
+            return self.quadratic.tokens
         return self.ar_slots if block_size == 1 else block_size
 
     def plan(self, block_size: int) -> RoundPlan:
         """The plan of a round of this block size (the one begin_round chose, or rank 0's)."""
         return RoundPlan(block_size=block_size, slots=self.slots(block_size), timed=self.timed,
-                         group=self.group)
+                         layout=self.quadratic)
 
     def observe(self, record: RoundRecord) -> None:
         """What a finished batch tells the policy (once per batch, scheduler side): a prefill
@@ -451,9 +451,8 @@ def round_planner(manager, dllm_config) -> RoundBlockSize:
         from sglang_nemodiff.algorithms import mode_of
         from sglang_nemodiff.settings import AlgorithmSettings
 
-        quadratic = getattr(dllm_config, "quadratic", None)  # patches/dllm_config.py
         planner = RoundBlockSize(AlgorithmSettings.from_mapping(dllm_config.algorithm_config),
                                  dllm_config.block_size, mode_of(dllm_config.algorithm),
-                                 quadratic.group if quadratic is not None else 0)
+                                 getattr(dllm_config, "quadratic", None))  # patches/dllm_config.py
         manager.nemodiff_rounds = planner
     return planner

@@ -11,6 +11,12 @@ laid out block first, then group 0, group 1, ...:
 Every row also sees the request's cached prefix. Keeping the block first means that the KV of
 the accepted d_0..d_{n-1} is the first n slots, as in the other block modes.
 
+Sparse quadratic (`groups` < L): only the first `groups` block tokens get a group: a round costs
+L + groups * group query tokens instead of L (1 + group). When more drafts are accepted than
+groups were drafted (n - 1 >= groups), the next round has no drafts (still lossless: the block
+rows verify whatever is there). The first groups are where acceptance is: a draft is accepted
+only after every draft before it.
+
 Group size: NLD checkpoints (unshifted drafts) predict each mask's own position, so a group holds
 b masks (the first at the bonus's position, which the bonus replaces): b(b+1) query tokens for a
 b-token block. Converted AR models (`shift_logits`) predict the position after each row, so d_i's
@@ -20,6 +26,7 @@ own causal row already predicts the bonus and a group holds b - 1 masks: b * b q
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -36,21 +43,26 @@ def first_draft_row(shift_logits: bool) -> int:
 @dataclass(frozen=True)
 class QuadraticLayout:
     block_len: int  # L: block tokens (d_0 and L - 1 drafts)
-    group: int  # masks after each block token
+    group: int  # masks after each block token that has a group
+    groups: Optional[int] = None  # block tokens with a group (the first ones); None: all L
+
+    @property
+    def n_groups(self) -> int:
+        return self.block_len if self.groups is None else min(self.groups, self.block_len)
 
     @property
     def tokens(self) -> int:
-        """Query tokens per request: L (1 + group)."""
-        return self.block_len * (1 + self.group)
+        """Query tokens per request: L + n_groups * group (dense: L (1 + group))."""
+        return self.block_len + self.n_groups * self.group
 
     def tensors(self, device=None):
         """(position offsets from d_0 [T], the pattern among the round's tokens [T, T] bool,
         the draft-adapter rows [T] bool) for one request."""
-        L, g = self.block_len, self.group
+        L, g, k = self.block_len, self.group, self.n_groups
         owner = torch.cat([torch.arange(L, device=device),
-                           torch.arange(L, device=device).repeat_interleave(g)])
+                           torch.arange(k, device=device).repeat_interleave(g)])
         within = torch.cat([torch.zeros(L, dtype=torch.long, device=device),
-                            torch.arange(1, g + 1, device=device).repeat(L)])
+                            torch.arange(1, g + 1, device=device).repeat(k)])
         offsets = owner + within
         is_mask = torch.arange(self.tokens, device=device) >= L
         col = torch.arange(self.tokens, device=device)

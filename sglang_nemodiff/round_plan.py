@@ -24,17 +24,13 @@ class RoundPlan:
     block_size: int  # the round's B (1: AR steps in the modes that take them, ar_steps.py)
     slots: int  # block slots placed per request: B, or the AR steps of a B = 1 round
     timed: bool  # the policy chooses B (`block_size: auto`): forwards are timed for it
-    group: int = 0  # quadratic rounds: masks after each block token (quadratic_layout.py); 0: none
+    # A quadratic round's shape (quadratic_layout.py; its slots are layout.tokens); None otherwise.
+    layout: Optional[QuadraticLayout] = None
 
     @property
     def ar_steps(self) -> bool:
         """A B = 1 round, taken as AR steps."""
         return self.block_size == 1
-
-    @property
-    def layout(self) -> Optional[QuadraticLayout]:
-        """A quadratic round's layout (its slots: L (1 + group)); None for the other rounds."""
-        return QuadraticLayout(self.block_size, self.group) if self.group else None
 
     @classmethod
     def fixed(cls, block_size: int) -> "RoundPlan":

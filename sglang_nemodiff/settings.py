@@ -28,6 +28,9 @@ class AlgorithmSettings:
     # LinearSpec: AR steps one B = 1 round takes (each an AR decode step; the scheduler's round
     # work is paid once per round), at most the largest block size.
     ar_steps: int = 4
+    # Quadratic: draft groups after the first N block tokens only (sparse quadratic,
+    # quadratic_layout.py); null: after every one (b (b + 1) query tokens per request).
+    quadratic_groups: int | None = None
     # Testing/diagnosis: block sizes used in turn, one per round, instead of the policy's choice.
     block_size_cycle: tuple | None = None
 
@@ -52,6 +55,10 @@ class AlgorithmSettings:
             raise ValueError(f"{source}: block_size_cycle must be a list of integers >= 1")
         if not isinstance(settings.ar_steps, int) or isinstance(settings.ar_steps, bool) or settings.ar_steps < 1:
             raise ValueError(f"{source}: ar_steps must be an integer >= 1")
+        if settings.quadratic_groups is not None and (
+                not isinstance(settings.quadratic_groups, int) or isinstance(settings.quadratic_groups, bool)
+                or settings.quadratic_groups < 1):
+            raise ValueError(f"{source}: quadratic_groups must be null or an integer >= 1")
         if settings.denoise_lora and not settings.use_lora:
             raise ValueError(f"{source}: denoise_lora needs the draft adapter (use_lora: true)")
         if not 0.0 < float(settings.threshold) <= 1.0:

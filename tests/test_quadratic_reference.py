@@ -9,10 +9,12 @@ from sglang_nemodiff.reference import NLDReference, ar_generate, linearspec_gene
 from sglang_nemodiff.reference.quadratic import group_size, quadratic_layout
 
 
-def brute_force_layout(L, g):
+def brute_force_layout(L, g, groups=None):
     """Straight from the rules: d_i at +i sees d_0..d_i; group i's masks at +i+1..+i+g see
-    d_0..d_i and their own group; the adapter runs on mask rows only."""
-    rows = [("d", i, i) for i in range(L)] + [("m", i, i + 1 + j) for i in range(L) for j in range(g)]
+    d_0..d_i and their own group (groups after the first `groups` d_i only); the adapter runs on
+    mask rows only."""
+    k = L if groups is None else min(groups, L)
+    rows = [("d", i, i) for i in range(L)] + [("m", i, i + 1 + j) for i in range(k) for j in range(g)]
     allowed = torch.zeros(len(rows), len(rows), dtype=torch.bool)
     for r, (kind_r, owner_r, _) in enumerate(rows):
         for c, (kind_c, owner_c, _) in enumerate(rows):
@@ -24,12 +26,13 @@ def brute_force_layout(L, g):
     return offsets, allowed, torch.tensor([kind == "m" for kind, _, _ in rows])
 
 
-@pytest.mark.parametrize("L,g", [(1, 4), (3, 3), (4, 5), (16, 16)])
-def test_layout_matches_brute_force(L, g):
-    offsets, allowed, is_mask = quadratic_layout(L, g)
-    want = brute_force_layout(L, g)
+@pytest.mark.parametrize("L,g,groups", [(1, 4, None), (3, 3, None), (4, 5, None), (16, 16, None),
+                                         (6, 3, 2), (16, 16, 4), (2, 3, 5)])
+def test_layout_matches_brute_force(L, g, groups):
+    offsets, allowed, is_mask = quadratic_layout(L, g, groups=groups)
+    want = brute_force_layout(L, g, groups)
     assert torch.equal(offsets, want[0]) and torch.equal(allowed, want[1]) and torch.equal(is_mask, want[2])
-    assert allowed.shape == (L * (1 + g),) * 2
+    assert allowed.shape == (L + min(groups or L, L) * g,) * 2
 
 
 def test_layout_negative_control():
@@ -83,3 +86,13 @@ def test_fewer_forwards_than_linearspec_on_the_bundled_model():
         lin += linearspec_generate(bundled_reference, ids, 64, 11, block_size=16).forwards
         quad += quadratic_generate(bundled_reference, ids, 64, 11, block_size=16).forwards
     assert quad < lin
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_sparse_equals_ar(reference, prompts, groups):
+    """Sparse quadratic (groups after the first block tokens only) is still exactly AR; a round
+    that accepts past its groups is followed by one without drafts."""
+    for ids in prompts[:4]:
+        q = quadratic_generate(reference, ids, 40, eos_id=11, block_size=8, groups=groups)
+        assert q.tokens == ar_generate(reference, ids, 40, eos_id=11).tokens
+        assert q.forwards == 1 + len(q.accept_lengths)

@@ -170,3 +170,23 @@ def test_random_drafts_still_ar_at_concurrency_16(server_pool, tiny_checkpoint, 
     assert [r["output_ids"] for r in responses] == expected
     forwards = [quadratic_generate(reference, ids, 40, eos_id=EOS).forwards for ids in prompts]
     assert [meta(r, "nemodiff_forwards") for r in responses[:len(prompts)]] == forwards
+
+
+def test_sparse_quadratic_equals_ar_and_the_oracle(server_pool, model):
+    """`quadratic_groups: 2`: groups after d_0 and d_1 only (16 + 2 x 16 query tokens per
+    request instead of 272): == AR, the oracle's forwards (rounds after an acceptance past the
+    groups run without drafts)."""
+    import os
+
+    path, reference, _, prompts = model
+    config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quadratic_sparse.yaml")
+    server = server_pool.get(path, "quadratic", "--algorithm-config", config)
+    responses = generate_many(server, prompts, MAX_NEW)
+    assert [r["output_ids"] for r in responses] == \
+        [ar_generate(reference, ids, MAX_NEW, eos_id=EOS).tokens for ids in prompts]
+    oracle = [quadratic_generate(reference, ids, MAX_NEW, eos_id=EOS, block_size=16, groups=2)
+              for ids in prompts]
+    assert [meta(r, "nemodiff_forwards") for r in responses] == [o.forwards for o in oracle]
+    dense = [quadratic_generate(reference, ids, MAX_NEW, eos_id=EOS, block_size=16).forwards
+             for ids in prompts]
+    print("sparse (2 groups) vs dense forwards:", [o.forwards for o in oracle], dense)

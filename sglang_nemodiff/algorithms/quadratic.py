@@ -12,8 +12,8 @@ causal argmax, sampling requests by speculative sampling against argmax drafts (
 q: accept d with probability p(d), else sample the residual), so the output is exactly AR's,
 or has AR's distribution. n = tokens kept (d_0 included): their KV (the first n slots, causal)
 stays, the stash frees the rest. The next block's drafts are group n-1's argmax predictions for
-the slots after the bonus; they ride on the request's RoundResult (`next_drafts`) to its next
-round. Drafts are always argmax here (a sampled draft would need its q kept between rounds)."""
+the slots after the bonus (none if a sparse round drafted no group n-1); they ride on the
+request's RoundResult (`next_drafts`) to its next round. Drafts are always argmax here (a sampled draft would need its q kept between rounds)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class NemodiffQuadratic(NemodiffLinearSpec):
     def _block_round(self, model_runner, forward_batch, plan, sampling, started):
         layout = plan.layout
         assert layout is not None, f"a quadratic server got a {plan} round"
-        bs, L, g = forward_batch.batch_size, layout.block_len, layout.group
+        bs, L, g, k = forward_batch.batch_size, layout.block_len, layout.group, layout.n_groups
         ids = forward_batch.input_ids.view(bs, layout.tokens)
         block = ids[:, :L]
         options = model_runner.model.pass_options
@@ -52,12 +52,15 @@ class NemodiffQuadratic(NemodiffLinearSpec):
         if not sampling.all_greedy:
             fill.sampled_rows = (~sampling.greedy).nonzero().squeeze(1)  # argmax drafts: q = None
         keep, accepted, bonus = self.accept(block, verify, sampling, fill)
-        # Group keep-1 drafted the block after the bonus; its rows from first_draft_row on.
-        groups = logits[:, L:].view(bs, L, g, -1)
-        chosen = groups[torch.arange(bs, device=groups.device), (keep - 1).to(groups.device)]
+        # Group keep-1 drafted the block after the bonus; its rows from first_draft_row on. A
+        # sparse round has no group past its first k: the next round starts without drafts.
+        groups = logits[:, L:].view(bs, k, g, -1)
+        index = (keep - 1).clamp(max=k - 1).to(groups.device)
+        chosen = groups[torch.arange(bs, device=groups.device), index]
         shift = bool(getattr(model_runner.model_config.hf_config, "shift_logits", False))
         drafts, _ = masked_confidence_argmax(chosen[:, first_draft_row(shift):], self.mask_id)
-        drafts = drafts[:, :L - 1].tolist()
+        drafted = (keep <= k).tolist()
+        drafts = [row[:L - 1] if ok else [] for row, ok in zip(drafts.tolist(), drafted)]
         keep_list, accepted_list = keep.tolist(), accepted.tolist()
         record = self._round_record(started, L, tuple(accepted_list))
         tokens, logprobs = self._emitted(block, keep, bonus, sampling, lambda: fill.verify_logits)

@@ -9,9 +9,9 @@ one launch, without a dense mask tensor:
   (FastDiffuser denoise, LinearSpec draft).
 * ``SEED_CAUSAL`` (2): block-bidirectional, except that new token 0 (the block's seed) sees only
   the prefix and itself (the draft pass of models with ``causal_seed``, config.py).
-* ``QUADRATIC`` (3): a quadratic self-speculation round of ``quadratic = (L, g)``
+* ``QUADRATIC`` (3): a quadratic self-speculation round of ``quadratic = (L, g[, groups])``
   (quadratic_layout.py): block rows 0..L-1 causal among themselves; the g masks after block token
-  i (rows L + i g ..) see block tokens 0..i and their own group. One (L, g) per launch.
+  i (rows L + i g ..) see block tokens 0..i and their own group. One layout per launch.
 
 Layout follows SGLang's extend attention: queries/new K/V of all requests are concatenated along
 the token axis (``extend_start_loc``/``extend_lens``), the cached prefix of request b lives at
@@ -301,7 +301,8 @@ def structured_attention(
 
     Optional host-side hints avoid device->host syncs: ``max_extend_len`` / ``max_prefix_len``
     (SGLang has them on the CPU already); ``num_splits`` forces the prefix split count.
-    ``quadratic`` = (L, g): the round layout of requests whose kind is QUADRATIC.
+    ``quadratic`` = (L, g[, groups]): the round layout of requests whose kind is QUADRATIC (a
+    sparse round's extend length tells the kernel how many groups there are).
     """
     T, Hq, D = q.shape
     Hkv = k_new.shape[1]
@@ -356,7 +357,7 @@ def structured_attention(
     _structured_attn_fwd[grid](
         q, k_new, v_new, k_cache, v_cache, o, o_part, lse_part,
         req_to_token, req_pool_indices, prefix_lens, extend_start_loc, extend_lens, kinds,
-        float(sm_scale) * _LOG2E, Hkv, *(quadratic or (0, 1)),
+        float(sm_scale) * _LOG2E, Hkv, *(quadratic[:2] if quadratic else (0, 1)),
         q.stride(0), q.stride(1),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),

@@ -75,7 +75,7 @@ def from_server_args(original, server_args):
             settings = replace(settings, block_size=min(QUADRATIC_DEFAULT_BLOCK, checkpoint_block))
         block_size = max_block_size(settings, checkpoint_block, source)
         shift = bool(getattr(hf_config, "shift_logits", False))
-        quadratic = QuadraticLayout(block_size, group_size(block_size, shift))
+        quadratic = QuadraticLayout(block_size, group_size(block_size, shift), settings.quadratic_groups)
     else:
         block_size = max_block_size(settings, checkpoint_block, source)
     return NemodiffDllmConfig(

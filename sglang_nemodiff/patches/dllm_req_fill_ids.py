@@ -99,7 +99,7 @@ def init_fill_ids_for_dllm(original, req):
     committed = req.origin_input_ids + req.output_ids
     req.dllm_block_offset = len(committed) - 1
     mask_id, plan = req.dllm_config.mask_id, _Step.plan
-    if plan.group:
+    if plan.layout is not None:
         # A quadratic round: [seed, the drafts the last round made, masks]; mask ids stand for
         # drafts not made (the first round, after a re-encode), and are never right but by AR.
         drafts = list(getattr(getattr(req, "nemodiff_round", None), "next_drafts", None) or ())

@@ -29,15 +29,16 @@ from sglang_nemodiff.reference.model import NLDReference
 from sglang_nemodiff.quadratic_layout import QuadraticLayout, first_draft_row, group_size  # noqa: F401
 
 
-def quadratic_layout(block_len: int, group: int, device=None):
+def quadratic_layout(block_len: int, group: int, device=None, groups=None):
     """Position offsets [T], the attention pattern among the new tokens [T, T] and the
     draft-adapter rows [T] of a round (quadratic_layout.py, shared with the served mode)."""
-    return QuadraticLayout(block_len, group).tensors(device)
+    return QuadraticLayout(block_len, group, groups).tensors(device)
 
 
 def quadratic_generate(model: NLDReference, prompt: list[int], max_new_tokens: int,
                        eos_id: int | None = None, block_size: int = 16,
-                       use_draft_lora: bool = True) -> GenerationResult:
+                       use_draft_lora: bool = True, groups: int | None = None) -> GenerationResult:
+    """`groups`: sparse quadratic, groups after the first `groups` block tokens only."""
     c = model.config
     mask_id, g = c.mask_token_id, group_size(block_size, c.shift_logits)
     first_draft = first_draft_row(c.shift_logits)
@@ -50,8 +51,9 @@ def quadratic_generate(model: NLDReference, prompt: list[int], max_new_tokens: i
         if done:
             return GenerationResult(tokens, forwards, accepted)
         L, ctx = len(block), len(cache)
-        offsets, allowed, is_mask = quadratic_layout(L, g, device)
-        ids = torch.tensor(block + [mask_id] * (L * g), device=device)
+        layout = QuadraticLayout(L, g, groups)
+        offsets, allowed, is_mask = layout.tensors(device)
+        ids = torch.tensor(block + [mask_id] * (layout.tokens - L), device=device)
         logits, kv = model.forward_structured(ids, cache, ctx + offsets, allowed,
                                               is_mask if use_draft_lora else None)
         forwards += 1
@@ -63,6 +65,9 @@ def quadratic_generate(model: NLDReference, prompt: list[int], max_new_tokens: i
         cache.append(kv, n)  # d_0..d_{n-1}: the block rows come first
         bonus = ar[n - 1]
         tokens += block[1:n] + [bonus]
+        if n > layout.n_groups:  # a sparse round drafted no group n-1: the next has no drafts
+            block = [bonus]
+            continue
         group = logits[L + (n - 1) * g: L + n * g]
         drafts = non_mask_argmax_and_prob(group[first_draft:], mask_id)[0].tolist()
         block = [bonus] + drafts[: block_size - 1]
