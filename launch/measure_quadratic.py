@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Tokens per forward of AR, LinearSpec and quadratic self-speculation, by block size, from the
-plain-PyTorch oracle (sglang_nemodiff.reference): greedy, prefill counted, every output checked
-== AR. Hardware-independent (forwards are counted, not timed); the served quadratic mode does not
-exist yet, so these are the algorithm's figures on the same drafts, not a server's.
+"""Tokens per forward of AR, LinearSpec and quadratic self-speculation (dense and sparse), by
+block size, from the plain-PyTorch oracle (sglang_nemodiff.reference): greedy, prefill counted,
+every output checked == AR. Hardware-independent (forwards are counted, not timed); the served
+mode spends the oracle's forwards (tests/test_serve_quadratic.py), so these are its figures too.
 
     python launch/measure_quadratic.py --model bundled     # nld-tiny, 8 held-out code prompts
     python launch/measure_quadratic.py --model smol        # SmolLM2 in NLD form, 24 held-out chats
@@ -37,6 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=("bundled", "smol"), default="bundled")
     ap.add_argument("--block-sizes", default="8,16,32")
+    ap.add_argument("--groups", default="", help="sparse quadratic group counts, e.g. 1,2,4")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompts", type=int, default=0, help="the first N prompts only (0: all)")
@@ -59,23 +60,28 @@ def main() -> None:
     ar = [ar_generate(model, ids, n, eos_id=eos) for ids in prompts]
     tokens = sum(len(r.tokens) for r in ar)
     print(f"{args.model}: {len(prompts)} prompts, greedy, up to {n} new tokens, prefill counted\n")
-    print("| b | LinearSpec tokens / forward | accepted / block | quadratic tokens / forward | "
-          "accepted / round | quadratic / LinearSpec |")
+    print("| b | mode | query tokens / request / forward | tokens / forward | accepted / round | vs LinearSpec |")
     print("|---|---|---|---|---|---|")
+    from sglang_nemodiff.quadratic_layout import QuadraticLayout, group_size
+
+    def mean_accepted(runs):
+        rounds = [a for r in runs for a in r.accept_lengths]
+        return sum(rounds) / max(len(rounds), 1)
+
+    group_counts = [int(x) for x in args.groups.split(",") if x.strip()]
     for b in (int(x) for x in args.block_sizes.split(",")):
         lin = [linearspec_generate(model, ids, n, eos, block_size=b) for ids in prompts]
-        quad = [quadratic_generate(model, ids, n, eos, block_size=b) for ids in prompts]
-        for runs in (lin, quad):
-            assert [r.tokens for r in runs] == [r.tokens for r in ar], "output differs from AR"
+        assert [r.tokens for r in lin] == [r.tokens for r in ar], "output differs from AR"
         lin_tpf = tokens / sum(r.forwards for r in lin)
-        quad_tpf = tokens / sum(r.forwards for r in quad)
-
-        def mean_accepted(runs):
-            rounds = [a for r in runs for a in r.accept_lengths]
-            return sum(rounds) / max(len(rounds), 1)
-
-        print(f"| {b} | {lin_tpf:.2f} | {mean_accepted(lin):.2f} | {quad_tpf:.2f} | "
-              f"{mean_accepted(quad):.2f} | {quad_tpf / lin_tpf:.2f}x |", flush=True)
+        print(f"| {b} | LinearSpec | {b} | {lin_tpf:.2f} | {mean_accepted(lin):.2f} | 1.00x |", flush=True)
+        g = group_size(b, model.config.shift_logits)
+        for k in [None] + [k for k in group_counts if k < b]:
+            quad = [quadratic_generate(model, ids, n, eos, block_size=b, groups=k) for ids in prompts]
+            assert [r.tokens for r in quad] == [r.tokens for r in ar], "output differs from AR"
+            quad_tpf = tokens / sum(r.forwards for r in quad)
+            name = "quadratic" if k is None else f"sparse quadratic, {k} group{'s' * (k > 1)}"
+            print(f"| {b} | {name} | {QuadraticLayout(b, g, k).tokens} | {quad_tpf:.2f} | "
+                  f"{mean_accepted(quad):.2f} | {quad_tpf / lin_tpf:.2f}x |", flush=True)
     print(f"\nAR: {tokens} tokens, {sum(r.forwards for r in ar)} forwards; every output == AR's")
 
 

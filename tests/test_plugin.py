@@ -66,7 +66,8 @@ def _fields(view) -> dict:
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("mode,class_name", [("linearspec", "NemodiffLinearSpec"),
-                                             ("fastdiffuser", "NemodiffFastDiffuser")])
+                                             ("fastdiffuser", "NemodiffFastDiffuser"),
+                                             ("quadratic", "NemodiffQuadratic")])
 def test_both_algorithm_spellings_resolve_to_the_same_server(tmp_path, device, mode, class_name):
     """`--algorithm linearspec` and SGLang's `--dllm-algorithm NemodiffLinearSpec` resolve every
     ServerArgs field alike (the defaults live in the algorithms' configure_server_args hook):
@@ -89,6 +90,24 @@ def test_both_algorithm_spellings_resolve_to_the_same_server(tmp_path, device, m
         # so the 'disabled' above is the hook's decision.
         ar = _fields(_resolved(tmp_path, device, {"algorithm": "ar"}))
         assert ar["cuda_graph_config"].decode.backend != "disabled"
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_quadratic_runs_only_on_attention_paths_that_draw_its_pattern(tmp_path, device):
+    """A backend that cannot draw a quadratic round's pattern would run its block rows
+    bidirectionally (not AR): SGLang is told to use `nemodiff` instead; torch_native stays.
+    Negative control: LinearSpec keeps the user's triton."""
+    for asked in ("triton", "flashinfer", None):
+        view = _resolved(tmp_path, device, {"algorithm": "quadratic"}, attention_backend=asked)
+        # unset on CPU: SGLang's CPU default, torch_native, which draws it too
+        assert view.attention_backend == ("torch_native" if asked is None and device == "cpu"
+                                          else "nemodiff"), asked
+        assert view.prefill_attention_backend in (None, "nemodiff")
+        assert view.decode_attention_backend in (None, "nemodiff")
+    assert _resolved(tmp_path, device, {"algorithm": "quadratic"},
+                     attention_backend="torch_native").attention_backend == "torch_native"
+    assert _resolved(tmp_path, device, {"algorithm": "linearspec"},
+                     attention_backend="triton").attention_backend == "triton"
 
 
 def test_settings_yaml(tmp_path):

@@ -30,7 +30,10 @@ class NemodiffQuadratic(NemodiffLinearSpec):
     mode_name = "quadratic"
     supports_penalties = True
     supports_constrained_decoding = False  # grammar drafting/verifying per group: not built
-    supported_attention_backends = ("torch_native", "nemodiff")  # the paths that draw the layout
+    # Only these attention paths draw a quadratic round's pattern; any other would run the block
+    # rows bidirectionally (not AR). SGLang moves a server asked for another one to `nemodiff`.
+    supported_attention_backends = ("torch_native", "nemodiff")
+    required_attention_backend = "nemodiff"
     takes_ar_steps = False
     fill_pass = commit_pass = "quadratic"
 
