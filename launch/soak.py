@@ -3,7 +3,7 @@
 that must all be zero (server deaths, leaked KV slots, unexpected errors, temperature-0 outputs that
 differ from the plain-PyTorch oracle).
 
-For each mode (`--modes ar,linearspec,fastdiffuser`) it starts one loopback server
+For each mode (`--modes ar,linearspec,fastdiffuser,quadratic`) it starts one loopback server
 (`sglang_nemodiff.servers.ManagedServer`, bundled model unless `--model-path`) with SGLang's strict
 idle KV check on (a leaked KV slot kills the server at idle) and runs `--duration` seconds of load
 from `--concurrency` clients:
@@ -21,7 +21,7 @@ After the load it waits for the server to go idle (all DP ranks: no running or w
 lets the idle KV check run, and reads the pool's used slots from `/v1/loads` (`num_used_tokens`
 counts neither free nor radix-cached evictable slots: at idle it must be back at its starting
 value). Then every completed temperature-0 output whose prompt ids and output ids are known is
-compared with the oracle (`ar_generate` for ar and linearspec, `fastdiffuser_generate` for
+compared with the oracle (`ar_generate` for ar, linearspec and quadratic, `fastdiffuser_generate` for
 fastdiffuser; `--verify-limit` compares a fixed-seed sample instead). Chat streams are not
 compared (SGLang returns no token ids for them).
 
@@ -50,8 +50,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from sglang_nemodiff.servers import ManagedServer, cuda_visible, sigterm_exits
 
-MODES = ("ar", "linearspec", "fastdiffuser")
-DIFFUSION_MODES = ("linearspec", "fastdiffuser")
+MODES = ("ar", "linearspec", "fastdiffuser", "quadratic")
+DIFFUSION_MODES = ("linearspec", "fastdiffuser", "quadratic")
 APIS = ("generate", "completions", "chat")
 NEW_TOKENS = (1, 7, 16, 31, 32, 33, 64, 100, 200)
 # The figures that must be zero for a mode to pass.
@@ -644,7 +644,7 @@ def markdown_report(results: Sequence[dict], meta: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     d = SoakConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of ar,linearspec,fastdiffuser")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of ar,linearspec,fastdiffuser,quadratic")
     p.add_argument("--model-path", default=None, help="checkpoint (default: the bundled model)")
     p.add_argument("--url", default=None, help="soak an already running server (one mode) instead of starting one")
     p.add_argument("--duration", type=float, default=d.duration, help="seconds of load per mode")
