@@ -12,6 +12,8 @@ The cached prefix is `--context` random committed tokens. CUDA events, warm-up, 
 
     python launch/gpu_forward_bench.py --out forward.md        # on a GPU
     python launch/gpu_forward_bench.py --smoke                 # logic check on the CPU, tiny model
+    python launch/gpu_forward_bench.py --model-path DIR --context 256 --iters 5   # a real
+        checkpoint (fp32, eager) on this machine: what a forward costs here by query tokens
 
 Needs torch only (and this repository's `sglang_nemodiff.reference`; no SGLang).
 """
@@ -114,7 +116,12 @@ def main() -> None:
     ap.add_argument("--tokens", default=None, help="comma-separated query-token counts")
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--model-path", default=None, help="a real checkpoint, float32 (default: random "
+                                                      "NLD-8B-shaped weights)")
+    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from sglang_nemodiff.reference.model import KVCache
 
     cuda = torch.cuda.is_available() and not args.smoke
@@ -130,7 +137,15 @@ def main() -> None:
         name = torch.cuda.get_device_name() if cuda else "CPU"
     if args.tokens:
         tokens = tuple(int(t) for t in args.tokens.split(","))
-    model = build_model(config, device, dtype, lora_rank=16 if args.smoke else 64)
+    if args.model_path:
+        from sglang_nemodiff.reference import NLDReference
+
+        dtype = torch.float32
+        model = NLDReference.from_pretrained(args.model_path, device=device).eval()
+        config = model.config
+        name = f"{name}, {os.path.basename(os.path.normpath(args.model_path))}"
+    else:
+        model = build_model(config, device, dtype, lora_rank=16 if args.smoke else 64)
     gen = torch.Generator(device="cpu").manual_seed(1)
     cache = KVCache()
     prefix = torch.randint(0, config.vocab_size, (context,), generator=gen).to(device)
@@ -191,7 +206,7 @@ def main() -> None:
             print(f"T={T} {kind}: eager {eager_ms:.3f} ms" + (f", graph {graph_ms:.3f} ms, err {err:.2e}"
                                                               if graph_ms is not None else ""), flush=True)
     lines = [f"Reference NLD forward by query tokens ({name}; "
-             f"{'NLD-8B shapes, bf16, random weights' if not args.smoke else 'tiny config'}, "
+             f"{'its weights, fp32' if args.model_path else 'NLD-8B shapes, bf16, random weights' if not args.smoke else 'tiny config'}, "
              f"{context} cached tokens, median of {iters}; {time.strftime('%Y-%m-%d')})", "",
              "| query tokens | pass | eager ms | CUDA graph ms | graph vs eager max abs err |",
              "|---|---|---|---|---|"]

@@ -45,6 +45,16 @@ class QuadraticLayout:
     block_len: int  # L: block tokens (d_0 and L - 1 drafts)
     group: int  # masks after each block token that has a group
     groups: Optional[int] = None  # block tokens with a group (the first ones); None: all L
+    shifted: bool = False  # the checkpoint's draft convention (shift_logits)
+
+    @classmethod
+    def for_checkpoint(cls, block_size: int, shift_logits: bool, groups: Optional[int] = None):
+        return cls(block_size, group_size(block_size, shift_logits), groups, shift_logits)
+
+    @property
+    def first_draft(self) -> int:
+        """The group row that drafts the slot after the bonus."""
+        return first_draft_row(self.shifted)
 
     @property
     def n_groups(self) -> int:

@@ -22,7 +22,6 @@ import torch
 
 from sglang_nemodiff.algorithms.base import BlockFill, masked_confidence_argmax
 from sglang_nemodiff.algorithms.linearspec import NemodiffLinearSpec
-from sglang_nemodiff.quadratic_layout import first_draft_row
 from sglang_nemodiff.stats import RoundResult
 
 
@@ -60,8 +59,7 @@ class NemodiffQuadratic(NemodiffLinearSpec):
         groups = logits[:, L:].view(bs, k, g, -1)
         index = (keep - 1).clamp(max=k - 1).to(groups.device)
         chosen = groups[torch.arange(bs, device=groups.device), index]
-        shift = bool(getattr(model_runner.model_config.hf_config, "shift_logits", False))
-        drafts, _ = masked_confidence_argmax(chosen[:, first_draft_row(shift):], self.mask_id)
+        drafts, _ = masked_confidence_argmax(chosen[:, layout.first_draft:], self.mask_id)
         drafted = (keep <= k).tolist()
         drafts = [row[:L - 1] if ok else [] for row, ok in zip(drafts.tolist(), drafted)]
         keep_list, accepted_list = keep.tolist(), accepted.tolist()

@@ -51,7 +51,7 @@ def from_server_args(original, server_args):
     from sglang.srt.configs.model_config import ModelConfig
     from sglang_nemodiff.algorithms import mode_of
     from sglang_nemodiff.config import ARCHITECTURE
-    from sglang_nemodiff.quadratic_layout import QuadraticLayout, group_size
+    from sglang_nemodiff.quadratic_layout import QuadraticLayout
     from sglang_nemodiff.settings import load_settings, max_block_size
 
     cfg = resolving_view(server_args)
@@ -75,7 +75,7 @@ def from_server_args(original, server_args):
             settings = replace(settings, block_size=min(QUADRATIC_DEFAULT_BLOCK, checkpoint_block))
         block_size = max_block_size(settings, checkpoint_block, source)
         shift = bool(getattr(hf_config, "shift_logits", False))
-        quadratic = QuadraticLayout(block_size, group_size(block_size, shift), settings.quadratic_groups)
+        quadratic = QuadraticLayout.for_checkpoint(block_size, shift, settings.quadratic_groups)
     else:
         block_size = max_block_size(settings, checkpoint_block, source)
     return NemodiffDllmConfig(

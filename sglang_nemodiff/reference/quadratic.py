@@ -22,6 +22,8 @@ also writes d_0's KV).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from sglang_nemodiff.reference.generate import GenerationResult, _finish, _prefill, non_mask_argmax_and_prob
@@ -40,8 +42,7 @@ def quadratic_generate(model: NLDReference, prompt: list[int], max_new_tokens: i
                        use_draft_lora: bool = True, groups: int | None = None) -> GenerationResult:
     """`groups`: sparse quadratic, groups after the first `groups` block tokens only."""
     c = model.config
-    mask_id, g = c.mask_token_id, group_size(block_size, c.shift_logits)
-    first_draft = first_draft_row(c.shift_logits)
+    mask_id, shape = c.mask_token_id, QuadraticLayout.for_checkpoint(block_size, c.shift_logits, groups)
     device = model.diffusion_head.weight.device
     cache, seed = _prefill(model, prompt)
     tokens, forwards, accepted = [seed], 1, []
@@ -51,7 +52,7 @@ def quadratic_generate(model: NLDReference, prompt: list[int], max_new_tokens: i
         if done:
             return GenerationResult(tokens, forwards, accepted)
         L, ctx = len(block), len(cache)
-        layout = QuadraticLayout(L, g, groups)
+        layout = dataclasses.replace(shape, block_len=L)  # the first round: d_0 alone
         offsets, allowed, is_mask = layout.tensors(device)
         ids = torch.tensor(block + [mask_id] * (layout.tokens - L), device=device)
         logits, kv = model.forward_structured(ids, cache, ctx + offsets, allowed,
@@ -68,6 +69,7 @@ def quadratic_generate(model: NLDReference, prompt: list[int], max_new_tokens: i
         if n > layout.n_groups:  # a sparse round drafted no group n-1: the next has no drafts
             block = [bonus]
             continue
+        g = shape.group
         group = logits[L + (n - 1) * g: L + n * g]
-        drafts = non_mask_argmax_and_prob(group[first_draft:], mask_id)[0].tolist()
+        drafts = non_mask_argmax_and_prob(group[layout.first_draft:], mask_id)[0].tolist()
         block = [bonus] + drafts[: block_size - 1]
