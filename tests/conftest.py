@@ -256,3 +256,15 @@ def abort_mid_generation(server, prompts, n_requests: int, max_new_tokens: int, 
             time.sleep(0.5)
         results = [f.result() for f in futures]
     return [r["meta_info"]["finish_reason"]["type"] for r in results if "meta_info" in r]
+
+
+def openai_defaults_answer(server):
+    """An OpenAI client that sends no temperature (default 1.0) gets an answer."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    completion = client.completions.create(model="m", prompt="import os\n", max_tokens=16)
+    assert completion.choices[0].text and completion.usage.completion_tokens > 0
+    chat = client.chat.completions.create(model="m", max_tokens=16, messages=[
+        {"role": "user", "content": "Repeat the code: x = 1"}])
+    assert chat.choices[0].message.content is not None and chat.usage.completion_tokens > 0

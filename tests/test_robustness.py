@@ -97,6 +97,9 @@ def test_request_near_the_end_of_the_context_finishes(any_server, reference):
 # LinearSpec at the fixed 32-token block (what the pool gives it anyway: named here because the
 # pressure depends on it), like FastDiffuser, whose block size is always fixed.
 PRESSURE_ARGS = ("--max-total-tokens", "768", "--schedule-conservativeness", "0.3")
+# Quadratic at b = 4: 20-slot rounds (5x its block, the case the round-slot budget is for), and
+# quick on a CPU where a random checkpoint's rounds commit about one token each.
+QUADRATIC_B4 = ("--algorithm-config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "block4.yaml"))
 
 
 @pytest.mark.parametrize("mode", ["linearspec", "fastdiffuser", "quadratic"])
@@ -111,7 +114,8 @@ def test_kv_pressure_completes_every_request(server_pool, tiny_checkpoint, refer
     six concurrent clients, they reached the scheduler over several rounds on a slow or loaded
     machine, and with as little as 50 ms between arrivals the admitted requests drifted out of
     step and the pool never ran out (0 retractions instead of 1)."""
-    server = server_pool.get(tiny_checkpoint, mode, *PRESSURE_ARGS, *(BLOCK32 if mode == "linearspec" else ()))
+    extra = {"linearspec": BLOCK32, "quadratic": QUADRATIC_B4}.get(mode, ())
+    server = server_pool.get(tiny_checkpoint, mode, *PRESSURE_ARGS, *extra)
     rng = random.Random(7)
     prompts = [[rng.randrange(130, VOCAB) for _ in range(64)] for _ in range(6)]
     assert requests.post(server.url + "/flush_cache", timeout=60).status_code == 200
@@ -123,7 +127,7 @@ def test_kv_pressure_completes_every_request(server_pool, tiny_checkpoint, refer
         assert response["output_ids"] == oracle(mode, reference, ids, 200)
     retractions = open(server.log_path, errors="replace").read().count("retracted request") - retractions_before
     print(f"{mode}: 6 requests under KV pressure in {elapsed:.1f} s, {retractions} retractions")
-    if mode != "quadratic":  # its reservation (a 272-slot round per request) admits fewer at once
+    if mode != "quadratic":  # its reservation (a 20-slot round per request) admits fewer at once
         assert retractions > 0, "the pressure did not reach retraction: tighten the test"
     time.sleep(3)  # idle: the strict KV check runs; a leaked slot kills the server
     assert_serving(server, prompts[0][:8])
@@ -140,7 +144,8 @@ def test_kv_pressure_refused_prompt_already_cached(server_pool, tiny_checkpoint,
     Deterministic like the test above (same server): the cache is flushed, each prompt runs
     alone for 8 tokens (its 64 prompt tokens go into the radix cache), then all six go in one
     batched /generate; admission reserves growth, so some of them are refused at first."""
-    server = server_pool.get(tiny_checkpoint, mode, *PRESSURE_ARGS, *(BLOCK32 if mode == "linearspec" else ()))
+    extra = {"linearspec": BLOCK32, "quadratic": QUADRATIC_B4}.get(mode, ())
+    server = server_pool.get(tiny_checkpoint, mode, *PRESSURE_ARGS, *extra)
     rng = random.Random(7)
     prompts = [[rng.randrange(130, VOCAB) for _ in range(64)] for _ in range(6)]
     assert requests.post(server.url + "/flush_cache", timeout=60).status_code == 200
