@@ -5,9 +5,8 @@ round under `block_size: auto` may place fewer: the round's plan (round_plan.py,
 built with a copy of the config that carries them.
 
 A quadratic round's tokens are not consecutive: d_i at +i, group i's masks at +i+1..+i+g
-(quadratic_layout.py). Its positions are laid out from the plan's layout, which the batch
-carries (`forward_batch.nemodiff_layout`) to the model (the adapter's rows) and the attention
-paths (the pattern they draw); no other batch has one."""
+(quadratic_layout.py): its positions are laid out from the plan's layout. (The algorithm hands
+the same layout to the model, which passes it to the attention paths: model.py.)"""
 
 from __future__ import annotations
 
@@ -41,7 +40,6 @@ def init_new(original, cls, batch, model_runner, *args, **kwargs):
         offsets, _, _ = layout.tensors(forward_batch.positions.device)
         seeds = forward_batch.positions.view(-1, block_size)[:, :1]  # d_0's position per request
         forward_batch.positions = (seeds + offsets.to(seeds.dtype)).reshape(-1)
-        forward_batch.nemodiff_layout = layout
     return forward_batch
 
 
