@@ -5,14 +5,15 @@ Decode batches take TorchNativeAttnBackend's path unchanged. Extend batches (pre
 DLLM_EXTEND block passes) write the new K/V into the pool as the parent does, then run
 `structured_attention` over SGLang's paged pool: the prefix of request b is read through
 `req_to_token[req_pool_indices[b], :extend_prefix_lens[b]]`, the new tokens from `k`/`v` directly.
-Mask kind per layer: CAUSAL for DECODER layers (the model's `attn`), BLOCK_BIDIRECTIONAL for
-ENCODER_ONLY layers (the model's `attn_bidir`: the block sees the cached prefix and all of itself),
-SEED_CAUSAL for an `attn_bidir` the model marked `nemodiff_seed_causal` (config.py: causal_seed).
+The mask kind: a graph-safe forward's pass data (`forward_batch.nemodiff_pass`, a tensor the
+kernel reads, so a captured launch serves every pass kind), else the eager forward's pass kind
+(`forward_batch.nemodiff_kind`: CAUSAL, BLOCK_BIDIRECTIONAL, SEED_CAUSAL or QUADRATIC with its
+layout; pass_kind.py), else the layer's type (DECODER causal, ENCODER_ONLY block-bidirectional).
+The kernel runs as one custom operator (`nemodiff::extend_attention`), so torch.compile sees
+one node.
 
 Where it runs: on CUDA the Triton kernel; on CPU the Triton kernel only under `TRITON_INTERPRET=1`
 (Triton has no CPU backend otherwise), else `structured_attention_reference` (plain PyTorch).
-QUADRATIC for the `attn_bidir` layers of a quadratic round (the layout the model hands over on
-the batch: quadratic_layout.py).
 Layers the kernel does not cover (cross attention, sliding window, different K/V head dims, a KV
 cache dtype other than the query's) fall back to the parent's SDPA path.
 """
@@ -33,8 +34,6 @@ from sglang_nemodiff.kernels.dispatch import triton_interpreting
 from sglang_nemodiff.kernels.structured_attention import (
     BLOCK_BIDIRECTIONAL,
     CAUSAL,
-    QUADRATIC,
-    SEED_CAUSAL,
     structured_attention,
     structured_attention_reference,
 )
@@ -67,12 +66,36 @@ class _ExtendMetadata:
         self.max_prefix_len = max(pre_cpu) if pre_cpu else None
 
 
+@torch.library.custom_op("nemodiff::extend_attention", mutates_args=("out",))
+def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, req_to_token: torch.Tensor,
+                     req_pool_indices: torch.Tensor, prefix_lens: torch.Tensor,
+                     extend_start_loc: torch.Tensor, extend_lens: torch.Tensor,
+                     kinds: torch.Tensor, quad: torch.Tensor, sm_scale: float, out: torch.Tensor,
+                     max_extend_len: Optional[int], max_prefix_len: Optional[int],
+                     use_triton: bool) -> None:
+    """The extend attention as one opaque operator: torch.compile (which must not trace the
+    reference's per-request loop) sees one node whose pass kind is its `kinds`/`quad` inputs."""
+    attention = structured_attention if use_triton else structured_attention_reference
+    attention(q, k_new, v_new, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens,
+              extend_start_loc, extend_lens, kinds, sm_scale, out=out,
+              max_extend_len=max_extend_len, max_prefix_len=max_prefix_len, quadratic=quad)
+
+
+@extend_attention.register_fake
+def _extend_attention_fake(q, k_new, v_new, k_cache, v_cache, req_to_token, req_pool_indices,
+                           prefix_lens, extend_start_loc, extend_lens, kinds, quad, sm_scale, out,
+                           max_extend_len, max_prefix_len, use_triton) -> None:
+    return None
+
+
 class NemodiffAttnBackend(TorchNativeAttnBackend):
     def __init__(self, model_runner: ModelRunner):
         super().__init__(model_runner)
         self.use_triton = self.device_is_cuda(model_runner) or triton_interpreting()
         self.attention = structured_attention if self.use_triton else structured_attention_reference
         self.extend_metadata: Optional[_ExtendMetadata] = None
+        self._pass_tensors: dict = {}  # eager kinds' (mask kinds, quadratic) tensors, made once
         logger.info("nemodiff attention backend: extend passes run %s",
                     "the Triton structured-attention kernel"
                     + (" (TRITON_INTERPRET=1)" if triton_interpreting() else "")
@@ -92,22 +115,37 @@ class NemodiffAttnBackend(TorchNativeAttnBackend):
             self.extend_metadata = _ExtendMetadata(forward_batch)
 
     @staticmethod
-    def quadratic_layout(layer: RadixAttention, forward_batch: ForwardBatch):
-        """A quadratic round's layout, which its bidirectional layers draw (model.py)."""
-        if layer.attn_type != AttentionType.ENCODER_ONLY:
-            return None
-        return getattr(forward_batch, "nemodiff_layout", None)
-
-    @classmethod
-    def mask_kind(cls, layer: RadixAttention, forward_batch: ForwardBatch) -> int:
-        if cls.quadratic_layout(layer, forward_batch) is not None:
-            return QUADRATIC
+    def mask_kind(layer: RadixAttention, forward_batch: ForwardBatch) -> int:
+        """The pattern of an eager forward: its pass kind (model.py puts it on the batch), else
+        what the layer's attention type means."""
+        kind = getattr(forward_batch, "nemodiff_kind", None)
+        if kind is not None:
+            return kind.mask
         if layer.attn_type == AttentionType.ENCODER_ONLY:
-            return SEED_CAUSAL if getattr(layer, "nemodiff_seed_causal", False) else BLOCK_BIDIRECTIONAL
+            return BLOCK_BIDIRECTIONAL
         if (layer.attn_type == AttentionType.DECODER_BIDIRECTIONAL
                 and forward_batch.forward_mode.is_dllm_extend()):
             return BLOCK_BIDIRECTIONAL  # as SGLang's triton backend treats it
         return CAUSAL
+
+    def pass_tensors(self, layer: RadixAttention, forward_batch: ForwardBatch, batch: int):
+        """(mask kinds [B], quadratic (L, g)) as device tensors. A graph-safe forward's come from
+        its pass data (model.py: `forward_batch.nemodiff_pass`, [mask, adapter, L, g]), views
+        only, so a captured launch reads each replay's kind; an eager one's from its kind."""
+        data = getattr(forward_batch, "nemodiff_pass", None)
+        if data is not None and forward_batch.forward_mode.is_dllm_extend():
+            return data[:1].expand(batch), data[2:4]
+        kind = getattr(forward_batch, "nemodiff_kind", None)
+        layout = kind.layout if kind is not None else None
+        key = (self.mask_kind(layer, forward_batch), layout.block_len if layout else 0,
+               layout.group if layout else 1)
+        tensors = self._pass_tensors.get(key)
+        if tensors is None:
+            device = self.req_to_token_pool.req_to_token.device
+            tensors = self._pass_tensors[key] = (
+                torch.tensor([key[0]], dtype=torch.int32, device=device),
+                torch.tensor(key[1:], dtype=torch.int32, device=device))
+        return tensors[0].expand(batch), tensors[1]
 
     def _kernel_covers(self, q, k, v, layer: RadixAttention) -> bool:
         if k is None or v is None or layer.is_cross_attention:
@@ -135,10 +173,10 @@ class NemodiffAttnBackend(TorchNativeAttnBackend):
                 layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v)
 
         o = torch.empty_like(q)
-        q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        layout = self.quadratic_layout(layer, forward_batch)
-        self.attention(
-            q_,
+        batch = forward_batch.req_pool_indices.shape[0]
+        kinds, quad = self.pass_tensors(layer, forward_batch, batch)
+        torch.ops.nemodiff.extend_attention(
+            q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
             k.view(-1, layer.tp_k_head_num, layer.qk_head_dim),
             v.view(-1, layer.tp_v_head_num, layer.v_head_dim),
             self.token_to_kv_pool.get_key_buffer(layer.layer_id),
@@ -148,11 +186,12 @@ class NemodiffAttnBackend(TorchNativeAttnBackend):
             forward_batch.extend_prefix_lens,
             meta.extend_start_loc,
             forward_batch.extend_seq_lens,
-            self.mask_kind(layer, forward_batch),
+            kinds,
+            quad,
             layer.scaling,
-            out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
-            max_extend_len=meta.max_extend_len,
-            max_prefix_len=meta.max_prefix_len,
-            quadratic=(layout.block_len, layout.group, layout.groups) if layout is not None else None,
+            o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
+            meta.max_extend_len,
+            meta.max_prefix_len,
+            self.use_triton,
         )
         return o

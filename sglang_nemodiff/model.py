@@ -4,22 +4,27 @@ Ministral-3 decoder on SGLang's parallel layers (so `--tp N` shards it), YaRN Ro
 scaling read from `rope_parameters`, untied `diffusion_head`, real HF tensor names (`encoder.*`).
 
 Each layer owns two RadixAttention views of one KV layer: `attn` (causal) and `attn_bidir`
-(ENCODER_ONLY: the block sees the cached prefix and all of itself). A forward is causal unless it
-is a DLLM_EXTEND batch and the algorithm has not asked for a causal pass. Algorithms choose per
-forward through `model.pass_options` (shared by all layers; SGLang may hand the model a copy of
-the ForwardBatch, so a flag on the batch would not reach it). The draft-only LoRA on `o_proj`
-runs when `pass_options.draft_lora` is set.
+(ENCODER_ONLY). Algorithms set each forward's pass kind (pass_kind.py: the pattern among the
+block's tokens, the draft adapter, a quadratic round's shape) through `model.pass_options`
+(shared by all layers; SGLang may hand the model a copy of the ForwardBatch, so a flag on the
+batch would not reach it); a forward is causal unless it is a DLLM_EXTEND batch and the
+algorithm has not asked for a causal pass.
 
-With `causal_seed` (config.py) `attn_bidir` is marked `nemodiff_seed_causal`: the attention
-backends (attention_backend.py, patches/torch_native_extend.py) keep each block's first row causal,
-and the draft LoRA skips those rows (`pass_options.base_rows`), so the seed runs exactly as in a
-causal pass while the masks see it.
-
-A quadratic round's one forward (`pass_options.layout`, quadratic_layout.py) runs `attn_bidir`
-with the round's pattern, which the model hands the attention backends on the batch it forwards
-(`forward_batch.nemodiff_layout`): block rows causal, each mask group over its block prefix and
-itself; the draft LoRA on the mask rows only (the block rows' logits are AR's); its logits are
-returned per row as computed (no slot shift: the algorithm reads block and group rows apart).
+Two ways to run a DLLM_EXTEND forward, decided once at load:
+- eager (default): the kind chooses in Python: `attn` for causal passes, else `attn_bidir`, whose
+  pattern the attention backends read from the kind on the batch (`forward_batch.nemodiff_kind`:
+  block-bidirectional; seed-causal on a `causal_seed` checkpoint, its seed row causal; a
+  quadratic round's pattern); the draft adapter only on passes that use it, merged into a second
+  o_proj when that is cheaper; the per-slot logits shift of `shift_logits` checkpoints.
+- graph-safe (`cuda_graphs: true`): the kind is data (`pass_options.data`, written in place
+  before each forward) and nothing in the forward branches on it: `attn_bidir` always, whose
+  backend (`nemodiff` only) reads the pattern from that tensor; the unmerged adapter on every
+  block pass, scaled per row by 0/1 computed from the tensor; the logits shift a `torch.where`.
+  A graph captured for one kind therefore computes every other.
+In both, the rows that run the base weights while the adapter is on (a causal_seed seed, a
+quadratic round's block rows, whose logits are AR's) come from `pass_kind.adapter_rows`, and a
+quadratic round's logits are returned per row as computed (the algorithm reads block and group
+rows apart).
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ from sglang.srt.model_loader.weight_utils import default_weight_loader
 from sglang.srt.runtime_context import get_parallel
 
 from sglang_nemodiff.checkpoint import expected_tensor_shapes
+from sglang_nemodiff.kernels.structured_attention import CAUSAL, QUADRATIC, SEED_CAUSAL
+from sglang_nemodiff.pass_kind import PassKind, adapter_rows, shifts_logits
 from sglang_nemodiff.reference.model import slot_logits
 
 logger = logging.getLogger(__name__)
@@ -59,33 +66,46 @@ LORA_DIR = "linear_spec_lora"
 
 
 class PassOptions:
-    """What the next forward should do; set by the algorithms around `model_runner.forward`."""
+    """The pass kind of the next forward (pass_kind.py), set by the algorithms around
+    `model_runner.forward` (SGLang may hand the model a copy of the ForwardBatch, so a flag on
+    the batch would not reach it). A graph-safe model (`graph_safe`: the algorithm setting
+    `cuda_graphs`) also keeps it as data, `data` (int32 [4] on the model's device, written in
+    place so a captured graph reads each forward's kind)."""
 
-    def __init__(self, ar_mode: bool = False):
+    def __init__(self, ar_mode: bool = False, causal_seed: bool = False, graph_safe: bool = False):
         self.ar_mode = ar_mode  # the checkpoint's `ar_mode` flag: every pass causal
-        self.causal: Optional[bool] = None  # None: causal unless a DLLM_EXTEND batch
-        self.draft_lora = False
-        # A quadratic round's layout (quadratic_layout.py): its one forward is of that kind.
-        self.layout = None
-        # Draft passes: [T] bool, True on rows that run the base weights (a causal_seed model's
-        # block seeds; a quadratic round's block rows), set by the model per forward.
-        self.base_rows: Optional[torch.Tensor] = None
+        self.causal_seed = causal_seed
+        self.graph_safe = graph_safe
+        self.kind: Optional[PassKind] = None  # None: causal unless a DLLM_EXTEND batch
+        self._default = PassKind.resolve(ar_mode, causal_seed=causal_seed)
+        # On the default device, which SGLang's loader sets to the model's while it builds it.
+        self.data = torch.tensor(self._default.data(), dtype=torch.int32) if graph_safe else None
 
-    def uses_causal_attention(self, forward_batch: ForwardBatch) -> bool:
-        if self.ar_mode:
-            return True
-        if self.causal is not None:
-            return self.causal
-        return not forward_batch.forward_mode.is_dllm_extend()
+    def set(self, causal: bool, adapter: bool = False, layout=None) -> PassKind:
+        """The kind of an algorithm's pass (PassKind.resolve, with this checkpoint's flags)."""
+        return self.set_kind(PassKind.resolve(causal or self.ar_mode, adapter and not self.ar_mode,
+                                              None if self.ar_mode else layout, self.causal_seed))
 
-    def kind(self, forward_batch: ForwardBatch) -> str:
-        """The pass kind the next forward runs: "causal", "bidirectional", "draft"
-        (bidirectional with the draft LoRA) or "quadratic"."""
-        if self.uses_causal_attention(forward_batch):
-            return "causal"
-        if self.layout is not None:
-            return "quadratic"
-        return "draft" if self.draft_lora else "bidirectional"
+    def set_kind(self, kind: PassKind) -> PassKind:
+        self.kind = kind
+        self._write(kind)
+        return kind
+
+    def clear(self) -> None:
+        self.kind = None
+        self._write(self._default)
+
+    def _write(self, kind: PassKind) -> None:
+        if self.data is not None:
+            self.data.copy_(torch.tensor(kind.data(), dtype=torch.int32), non_blocking=True)
+
+    def resolve(self, forward_batch: ForwardBatch) -> PassKind:
+        """The kind the next forward runs."""
+        if self.kind is not None:
+            return self.kind
+        if self.ar_mode or not forward_batch.forward_mode.is_dllm_extend():
+            return PassKind(CAUSAL)
+        return self._default
 
 
 class GraphPassGuard:
@@ -93,7 +113,9 @@ class GraphPassGuard:
     captured; a replay under another kind would silently compute the wrong pass. The model
     records the kind per forward mode at capture; `check` (called before every replay, see
     patches/cuda_graph_guard.py) raises if a forward asks for another kind. The diffusion modes
-    run without graphs (server_args.py), so this only fires if graphs are forced back on."""
+    run without graphs unless `cuda_graphs: true`, which makes the model graph-safe (its kind
+    is data, pass_kind.py) and records nothing here, so this only fires if graphs are forced
+    back on for an eager model."""
 
     def __init__(self):
         self.captured: dict = {}
@@ -115,29 +137,29 @@ def capturing_cuda_graph() -> bool:
 
 
 SEED_CAUSAL_BACKENDS = ("torch_native", "nemodiff")
+GRAPH_SAFE_BACKENDS = ("nemodiff",)
+GRAPH_SAFE_LOG_LINE = "Graph-safe passes: the pass kind is data the forward reads (cuda_graphs: true)"  # reads the pass kind from the pass data (attention_backend.py)
 
 
-def check_seed_causal_backend() -> None:
-    """A causal_seed checkpoint's draft pass needs a per-row mask only these backends draw; any
-    other would run the seed bidirectionally and silently degrade the drafts."""
+def check_backend(need: str, backends: tuple) -> None:
+    """Refuse at load an attention backend that cannot draw what this model's passes need: a
+    causal_seed checkpoint's per-row seed mask (else the seed would run bidirectionally and
+    silently degrade the drafts), a graph-safe model's pattern read from data."""
     from sglang.srt.runtime_context import attention_backends
 
     try:
         chosen = {b for b in attention_backends() if b}
     except (ValueError, AttributeError):  # no server context (unit tests build the model bare)
         return
-    unsupported = sorted(chosen - set(SEED_CAUSAL_BACKENDS))
+    unsupported = sorted(chosen - set(backends))
     if unsupported:
-        raise ValueError(f"This checkpoint sets causal_seed (its draft adapter runs the block's seed "
-                         f"causally); attention backend {unsupported[0]!r} cannot draw that mask: "
-                         f"use --attention-backend {' or '.join(SEED_CAUSAL_BACKENDS)}")
+        raise ValueError(f"{need}; attention backend {unsupported[0]!r} cannot draw that: "
+                         f"use --attention-backend {' or '.join(backends)}")
 
 
 class NLDAttention(nn.Module):
-    def __init__(self, config, layer_id: int, pass_options: PassOptions, quant_config=None,
-                 prefix: str = ""):
+    def __init__(self, config, layer_id: int, quant_config=None, prefix: str = ""):
         super().__init__()
-        self.pass_options = pass_options
         tp_size = get_parallel().tp_size
         self.total_heads = config.num_attention_heads
         self.total_kv_heads = config.num_key_value_heads
@@ -171,7 +193,6 @@ class NLDAttention(nn.Module):
         self.attn_bidir = RadixAttention(self.num_heads, self.head_dim, scaling,
                                          attn_type=AttentionType.ENCODER_ONLY,
                                          prefix=f"{prefix}.attn_bidir", **common)
-        self.attn_bidir.nemodiff_seed_causal = bool(getattr(config, "causal_seed", False))
         self.draft_lora_a: Optional[RowParallelLinear] = None  # set by load_draft_lora
         self.draft_lora_b: Optional[ReplicatedLinear] = None
         self.draft_lora_scale = 0.0
@@ -191,7 +212,8 @@ class NLDAttention(nn.Module):
         self.draft_o_proj = draft
         self.draft_lora_a = self.draft_lora_b = None
 
-    def forward(self, positions, hidden_states, forward_batch: ForwardBatch):
+    def forward(self, positions, hidden_states, forward_batch: ForwardBatch, causal_view: bool,
+                adapter: Optional["AdapterRows"]):
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
@@ -201,21 +223,32 @@ class NLDAttention(nn.Module):
                 torch.floor(positions.to(torch.float32) / self.original_max))
             q = (q.view(-1, self.num_heads, self.head_dim) * scale.to(q.dtype)[:, None, None]
                  ).view(-1, self.q_size)
-        attn = self.attn if self.pass_options.uses_causal_attention(forward_batch) else self.attn_bidir
-        attn_out = attn(q, k, v, forward_batch)
-        draft = self.pass_options.draft_lora
-        base_rows = self.pass_options.base_rows if draft else None
-        out, _ = (self.draft_o_proj if draft and self.draft_o_proj is not None else self.o_proj)(attn_out)
-        if draft and self.draft_o_proj is not None and base_rows is not None:
-            base, _ = self.o_proj(attn_out[base_rows])  # these rows run the base weights
-            out[base_rows] = base
-        if self.draft_lora_a is not None and draft:
-            low_rank, _ = self.draft_lora_a(attn_out)
-            delta, _ = self.draft_lora_b(low_rank)
-            if base_rows is not None:
-                delta = delta.masked_fill(base_rows[:, None], 0.0)
-            out = out + delta * self.draft_lora_scale
-        return out
+        attn_out = (self.attn if causal_view else self.attn_bidir)(q, k, v, forward_batch)
+        if adapter is None or (self.draft_lora_a is None and self.draft_o_proj is None):
+            out, _ = self.o_proj(attn_out)
+            return out
+        if self.draft_o_proj is not None:  # merged (eager servers only): base rows recomputed
+            out, _ = self.draft_o_proj(attn_out)
+            if adapter.base is not None:
+                base, _ = self.o_proj(attn_out[adapter.base])
+                out[adapter.base] = base
+            return out
+        out, _ = self.o_proj(attn_out)
+        low_rank, _ = self.draft_lora_a(attn_out)
+        delta, _ = self.draft_lora_b(low_rank)
+        # rows: 1.0 where the adapter runs, 0.0 elsewhere (out + 0.0 is out, bit for bit)
+        return out + delta * self.draft_lora_scale * adapter.rows
+
+
+class AdapterRows:
+    """Where a forward runs the draft adapter: `rows` [T, 1] (1.0 / 0.0, pass_kind.adapter_rows)
+    and, for a merged adapter on an eager server, `base` [T] bool (rows on the base weights) or
+    None when every row runs the adapter."""
+
+    __slots__ = ("rows", "base")
+
+    def __init__(self, rows: torch.Tensor, base: Optional[torch.Tensor] = None):
+        self.rows, self.base = rows, base
 
 
 class NLDMLP(nn.Module):
@@ -239,22 +272,22 @@ class NLDMLP(nn.Module):
 
 
 class NLDDecoderLayer(nn.Module):
-    def __init__(self, config, layer_id: int, pass_options: PassOptions, quant_config=None,
-                 prefix: str = ""):
+    def __init__(self, config, layer_id: int, quant_config=None, prefix: str = ""):
         super().__init__()
-        self.self_attn = NLDAttention(config, layer_id, pass_options, quant_config,
+        self.self_attn = NLDAttention(config, layer_id, quant_config,
                                       f"{prefix}.self_attn")
         self.mlp = NLDMLP(config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, positions, hidden_states, forward_batch, residual):
+    def forward(self, positions, hidden_states, forward_batch, residual, causal_view=True,
+                adapter=None):
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states, forward_batch)
+        hidden_states = self.self_attn(positions, hidden_states, forward_batch, causal_view, adapter)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
@@ -262,20 +295,21 @@ class NLDDecoderLayer(nn.Module):
 class NLDEncoder(nn.Module):
     """The decoder stack; named `encoder` in the real checkpoints."""
 
-    def __init__(self, config, pass_options: PassOptions, quant_config=None, prefix: str = "encoder"):
+    def __init__(self, config, quant_config=None, prefix: str = "encoder"):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    prefix=f"{prefix}.embed_tokens")
         self.layers = nn.ModuleList(
-            NLDDecoderLayer(config, i, pass_options, quant_config, f"{prefix}.layers.{i}")
+            NLDDecoderLayer(config, i, quant_config, f"{prefix}.layers.{i}")
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, input_ids, positions, forward_batch, input_embeds=None):
+    def forward(self, input_ids, positions, forward_batch, input_embeds=None, causal_view=True,
+                adapter=None):
         hidden = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, forward_batch, residual)
+            hidden, residual = layer(positions, hidden, forward_batch, residual, causal_view, adapter)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -285,11 +319,22 @@ class NemotronLabsDiffusionModel(nn.Module):
         super().__init__()
         self.config = config
         self.quant_config = quant_config
-        self.pass_options = PassOptions(ar_mode=bool(getattr(config, "ar_mode", False)))
-        if getattr(config, "causal_seed", False) and not self.pass_options.ar_mode:
-            check_seed_causal_backend()
+        from sglang_nemodiff.settings import current_settings
+
+        ar_mode = bool(getattr(config, "ar_mode", False))
+        # Graph-safe passes (pass_kind.py) only where graphs are asked for: they run the draft
+        # adapter unmerged on every row of every block pass, which an eager server need not pay.
+        self.pass_options = PassOptions(ar_mode, bool(getattr(config, "causal_seed", False)),
+                                        graph_safe=current_settings().cuda_graphs and not ar_mode)
+        if self.pass_options.graph_safe:
+            logger.info(GRAPH_SAFE_LOG_LINE)
+            check_backend("cuda_graphs: true (graph-safe passes read the pass kind as data)",
+                          GRAPH_SAFE_BACKENDS)
+        elif getattr(config, "causal_seed", False) and not ar_mode:
+            check_backend("This checkpoint sets causal_seed (its draft adapter runs the block's "
+                          "seed causally)", SEED_CAUSAL_BACKENDS)
         self.graph_guard = GraphPassGuard()
-        self.encoder = NLDEncoder(config, self.pass_options, quant_config)
+        self.encoder = NLDEncoder(config, quant_config)
         if getattr(config, "tie_word_embeddings", False):
             # Converted AR models (tools/convert.py): the head is the embedding matrix.
             self.diffusion_head = self.encoder.embed_tokens
@@ -304,33 +349,39 @@ class NemotronLabsDiffusionModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids, positions, forward_batch: ForwardBatch, input_embeds=None, **kwargs):
-        if capturing_cuda_graph():
-            self.graph_guard.record(forward_batch.forward_mode, self.pass_options.kind(forward_batch))
         options = self.pass_options
-        causal = options.uses_causal_attention(forward_batch)
-        quadratic = options.layout if not causal else None
-        if quadratic is not None:
-            # Every request's round has the layout's T rows; the block rows run the base weights.
-            _, _, adapter_rows = quadratic.tensors(input_ids.device)
-            options.base_rows = ~adapter_rows.repeat(forward_batch.batch_size)
-        elif self.config.causal_seed and not causal:
-            # Each request's block starts at a multiple of B (DLLM_EXTEND blocks are uniform).
-            block = input_ids.numel() // forward_batch.batch_size
-            options.base_rows = torch.arange(input_ids.numel(), device=input_ids.device) % block == 0
-        forward_batch.nemodiff_layout = quadratic  # the attention backends draw its pattern
-        try:
-            hidden = self.encoder(input_ids, positions, forward_batch, input_embeds)
-        finally:
-            options.base_rows = None
-            forward_batch.nemodiff_layout = None
+        kind = options.resolve(forward_batch)
+        tokens, bs = input_ids.numel(), forward_batch.batch_size
+        if options.graph_safe and forward_batch.forward_mode.is_dllm_extend():
+            # The kind as data: nothing below branches on it, so a graph captured for one
+            # kind computes every other one (the attention backend reads the same tensor).
+            data = options.data
+            forward_batch.nemodiff_pass = data
+            mask = data[0]
+            causal_view = False
+            adapter = AdapterRows(adapter_rows(mask, data[1], data[2], tokens, bs, input_ids.device,
+                                               self.diffusion_head.weight.dtype))
+        else:
+            if capturing_cuda_graph():
+                self.graph_guard.record(forward_batch.forward_mode, kind.name)
+            forward_batch.nemodiff_kind = kind  # the attention backends draw its pattern
+            mask, causal_view, adapter = kind.mask, kind.causal, None
+            if kind.adapter:
+                layout = kind.layout
+                rows = adapter_rows(kind.mask, True, layout.block_len if layout else 0, tokens, bs,
+                                    input_ids.device, self.diffusion_head.weight.dtype)
+                base = rows[:, 0] == 0 if kind.mask in (SEED_CAUSAL, QUADRATIC) else None
+                adapter = AdapterRows(rows, base)
+        hidden = self.encoder(input_ids, positions, forward_batch, input_embeds, causal_view, adapter)
         out = self.logits_processor(input_ids, hidden, self.diffusion_head, forward_batch)
-        if (self.config.shift_logits and out.full_logits is not None
-                and not causal and quadratic is None):
+        shift = shifts_logits(mask, self.config.shift_logits)
+        if out.full_logits is not None and shift is not False:
             # Per-slot logits whatever the draft convention (config.py: shift_logits): the
             # algorithms read row j as the prediction for block slot j.
-            bs = forward_batch.batch_size
             full = out.full_logits.view(bs, -1, out.full_logits.shape[-1])
-            out.full_logits = slot_logits(full, True).reshape(out.full_logits.shape)
+            shifted = torch.where(shift, slot_logits(full, True), full) if isinstance(
+                shift, torch.Tensor) else (slot_logits(full, True) if shift else full)
+            out.full_logits = shifted.reshape(out.full_logits.shape)
         return out
 
     # ----- weights -----
@@ -390,7 +441,8 @@ class NemotronLabsDiffusionModel(nn.Module):
         dtype = self.diffusion_head.weight.dtype
         # Every layer's o_proj shard has the same shape: one decision for all of them.
         hidden, width_shard = self.encoder.layers[0].self_attn.o_proj.weight.shape
-        merge = self.quant_config is None and rank * (width_shard + hidden) >= width_shard * hidden // 4
+        merge = (self.quant_config is None and not self.pass_options.graph_safe
+                 and rank * (width_shard + hidden) >= width_shard * hidden // 4)
         for i, layer in enumerate(self.encoder.layers):
             attn = layer.self_attn
             key = f"base_model.model.encoder.layers.{i}.self_attn.o_proj"

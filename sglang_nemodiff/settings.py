@@ -31,6 +31,11 @@ class AlgorithmSettings:
     # Quadratic: draft groups after the first N block tokens only (sparse quadratic,
     # quadratic_layout.py); null: after every one (b (b + 1) query tokens per request).
     quadratic_groups: int | None = None
+    # Graph-safe passes (model.py, pass_kind.py): the pass kind is data the forward reads, so
+    # SGLang's CUDA graphs may stay on for the diffusion modes (on CUDA; a CPU server has no
+    # dLLM graphs to capture and runs the same passes eagerly). Needs --attention-backend
+    # nemodiff. Off by default until a GPU has validated the served graphs (docs/gpu.md).
+    cuda_graphs: bool = False
     # Testing/diagnosis: block sizes used in turn, one per round, instead of the policy's choice.
     block_size_cycle: tuple | None = None
 
@@ -59,6 +64,8 @@ class AlgorithmSettings:
                 not isinstance(settings.quadratic_groups, int) or isinstance(settings.quadratic_groups, bool)
                 or settings.quadratic_groups < 1):
             raise ValueError(f"{source}: quadratic_groups must be null or an integer >= 1")
+        if not isinstance(settings.cuda_graphs, bool):
+            raise ValueError(f"{source}: cuda_graphs must be true or false")
         if settings.denoise_lora and not settings.use_lora:
             raise ValueError(f"{source}: denoise_lora needs the draft adapter (use_lora: true)")
         if not 0.0 < float(settings.threshold) <= 1.0:

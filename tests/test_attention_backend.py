@@ -1,6 +1,8 @@
 """`--attention-backend nemodiff` through the real runtime: a LinearSpec server whose extend passes
 (causal prefill, bidirectional draft, causal verify) run the Triton structured-attention kernel
 under TRITON_INTERPRET=1 must produce the reference's AR tokens and the torch_native server's.
+It runs graph-safe passes (`cuda_graphs: true`, model.py): the kernel reads each pass's kind
+from the pass data tensor, the unmerged adapter is gated per row.
 
 The interpreter is slow (~0.5 s per attention call), so the checkpoint is tiny (2 layers, 2 query
 heads sharing 1 KV head: GQA and two layers of the KV pool are still exercised) and the prompts few
@@ -18,6 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import BLOCK32
+
+GRAPH_SAFE32 = ("--algorithm-config",
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "graph_safe32.yaml"))
 
 pytestmark = pytest.mark.slow
 
@@ -66,8 +71,11 @@ def test_nemodiff_backend_matches_reference_and_torch_native(tmp_path):
                                    num_attention_heads=2, num_key_value_heads=1)
     # TRITON_INTERPRET=1 for the nemodiff server only (set before its processes import triton).
     envs = {"nemodiff": _env(TRITON_INTERPRET="1"), "torch_native": _env()}
+    # The nemodiff server runs graph-safe passes (the kernel reads the pass kind from data).
+    configs = {"nemodiff": GRAPH_SAFE32, "torch_native": BLOCK32}
     servers = {
-        backend: ManagedServer(ckpt, "linearspec", [*SERVER_ARGS, *BLOCK32, "--attention-backend", backend],
+        backend: ManagedServer(ckpt, "linearspec", [*SERVER_ARGS, *configs[backend],
+                                                    "--attention-backend", backend],
                                log_path=str(tmp_path / f"{backend}.log"), env=env)
         for backend, env in envs.items()
     }
@@ -88,8 +96,12 @@ def test_nemodiff_backend_matches_reference_and_torch_native(tmp_path):
 
         for server in servers.values():
             server.wait_ready(timeout=600)
+        from sglang_nemodiff.model import GRAPH_SAFE_LOG_LINE
+
         with open(servers["nemodiff"].log_path) as f:
-            assert KERNEL_LOG_LINE in f.read(), "the nemodiff server did not run the Triton path"
+            log = f.read()
+        assert KERNEL_LOG_LINE in log, "the nemodiff server did not run the Triton path"
+        assert GRAPH_SAFE_LOG_LINE in log, "the nemodiff server did not run graph-safe passes"
 
         served = {name: _generate_all(server, prompts) for name, server in servers.items()}
         assert served["nemodiff"] == expected
@@ -215,10 +227,11 @@ def test_mask_kinds():
     assert kind(AttentionType.ENCODER_ONLY, ForwardMode.EXTEND) == BLOCK_BIDIRECTIONAL
     from sglang_nemodiff.kernels.structured_attention import SEED_CAUSAL
 
-    marked = _layer(AttentionType.ENCODER_ONLY)
-    marked.nemodiff_seed_causal = True  # a causal_seed model's attn_bidir (model.py)
-    assert NemodiffAttnBackend.mask_kind(
-        marked, SimpleNamespace(forward_mode=ForwardMode.DLLM_EXTEND)) == SEED_CAUSAL
+    from sglang_nemodiff.pass_kind import PassKind
+
+    # an eager forward's pass kind (model.py puts it on the batch) wins over the layer's type
+    seeded = SimpleNamespace(forward_mode=ForwardMode.DLLM_EXTEND, nemodiff_kind=PassKind(SEED_CAUSAL))
+    assert NemodiffAttnBackend.mask_kind(_layer(AttentionType.ENCODER_ONLY), seeded) == SEED_CAUSAL
 
 
 def test_cli_and_server_args_keep_nemodiff(tmp_path):

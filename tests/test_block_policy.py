@@ -218,7 +218,9 @@ def test_no_forward_is_timed_at_a_fixed_block_size():
 
     algo = NLDBlockAlgorithm.__new__(NLDBlockAlgorithm)  # the pass helper alone, no SGLang config
     algo.timer = Timer()
-    runner = SimpleNamespace(model=SimpleNamespace(pass_options=SimpleNamespace(causal=None, draft_lora=False)),
+    from sglang_nemodiff.model import PassOptions
+
+    runner = SimpleNamespace(model=SimpleNamespace(pass_options=PassOptions()),
                              forward=lambda batch, pp_proxy_tensors=None: "out")
     batch = SimpleNamespace(input_ids=torch.zeros(8, dtype=torch.long))
     algo._forward_times = None  # a fixed plan
@@ -226,7 +228,7 @@ def test_no_forward_is_timed_at_a_fixed_block_size():
     algo._forward_times = []  # a timed plan
     algo.forward_pass(runner, batch, causal=False, draft_lora=True)
     assert Timer.started == 1 and algo._forward_times == [(8, 0.001)]
-    assert runner.model.pass_options.causal is None and runner.model.pass_options.draft_lora is False
+    assert runner.model.pass_options.kind is None  # cleared after the pass
 
 
 def test_settings_block_size(tmp_path):

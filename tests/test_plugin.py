@@ -110,6 +110,24 @@ def test_quadratic_runs_only_on_attention_paths_that_draw_its_pattern(tmp_path, 
                      attention_backend="triton").attention_backend == "triton"
 
 
+def test_cuda_graphs_setting_keeps_graphs_on_the_nemodiff_backend(tmp_path):
+    """`cuda_graphs: true` (graph-safe passes, model.py): SGLang's graphs for --device cuda stay
+    on (negative control: without the setting the hook disables them, test above), the backend
+    is nemodiff (another asked for is replaced, as SGLang does for an algorithm's required
+    backend; the model also refuses one at load)."""
+    config = tmp_path / "graphs.yaml"
+    config.write_text("cuda_graphs: true\n")
+    view = _resolved(tmp_path, "cuda", {"algorithm": "linearspec", "algorithm_config": str(config)})
+    assert view.cuda_graph_config.decode.backend != "disabled"
+    assert view.attention_backend == "nemodiff"
+    asked = _resolved(tmp_path, "cuda", {"algorithm": "linearspec", "algorithm_config": str(config)},
+                      attention_backend="triton", decode_attention_backend="flashinfer")
+    assert asked.attention_backend == asked.decode_attention_backend == "nemodiff"
+    assert asked.prefill_attention_backend in (None, "nemodiff")
+    with pytest.raises(ValueError, match="cuda_graphs must be true or false"):
+        AlgorithmSettings.from_mapping({"cuda_graphs": "yes"})
+
+
 def test_settings_yaml(tmp_path):
     assert load_settings(None) == AlgorithmSettings()
     assert AlgorithmSettings().threshold == 0.9 and AlgorithmSettings().block_size == "auto"
@@ -211,12 +229,14 @@ def test_graph_pass_guard_raises_on_another_pass_kind():
 
     batch = SimpleNamespace(forward_mode=ForwardMode.DLLM_EXTEND)
     options = PassOptions()
-    assert options.kind(batch) == "bidirectional"
-    options.draft_lora = True
-    assert options.kind(batch) == "draft"
-    options.causal = True
-    assert options.kind(batch) == "causal"
-    assert PassOptions(ar_mode=True).kind(batch) == "causal"
+    assert options.resolve(batch).name == "bidirectional"
+    assert options.set(causal=False, adapter=True).name == "draft"
+    assert options.resolve(SimpleNamespace(forward_mode=ForwardMode.EXTEND)).name == "draft"
+    options.clear()
+    assert options.resolve(SimpleNamespace(forward_mode=ForwardMode.EXTEND)).name == "causal"
+    assert options.set(causal=True).name == "causal"
+    assert PassOptions(ar_mode=True).set(causal=False, adapter=True).name == "causal"
+    assert PassOptions(causal_seed=True).resolve(batch).name == "seed_causal"
     guard = GraphPassGuard()
     guard.check(ForwardMode.DLLM_EXTEND, "causal")  # nothing captured: nothing to check
     guard.record(ForwardMode.DLLM_EXTEND, "bidirectional")

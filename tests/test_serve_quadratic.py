@@ -179,12 +179,18 @@ def test_random_drafts_still_ar_at_concurrency_16(server_pool, tiny_checkpoint, 
 def test_sparse_quadratic_equals_ar_and_the_oracle(server_pool, model):
     """`quadratic_groups: 2`: groups after d_0 and d_1 only (16 + 2 x 16 query tokens per
     request instead of 272): == AR, the oracle's forwards (rounds after an acceptance past the
-    groups run without drafts)."""
+    groups run without drafts). This server runs graph-safe passes (`cuda_graphs: true`: the
+    round's shape and kind are data the nemodiff backend and the adapter rows read)."""
     import os
 
     path, reference, _, prompts = model
     config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quadratic_sparse.yaml")
-    server = server_pool.get(path, "quadratic", "--algorithm-config", config)
+    server = server_pool.get(path, "quadratic", "--algorithm-config", config,
+                             "--attention-backend", "nemodiff")  # graph-safe passes (the YAML)
+    from sglang_nemodiff.model import GRAPH_SAFE_LOG_LINE
+
+    with open(server.log_path) as f:
+        assert GRAPH_SAFE_LOG_LINE in f.read()
     responses = generate_many(server, prompts, MAX_NEW)
     assert [r["output_ids"] for r in responses] == \
         [ar_generate(reference, ids, MAX_NEW, eos_id=EOS).tokens for ids in prompts]

@@ -167,10 +167,12 @@ def test_quadratic_served_equals_oracle_on_the_converted_layout(server_pool, see
 def test_causal_seed_refuses_a_backend_without_the_mask(monkeypatch):
     import sglang.srt.runtime_context as runtime_context
 
-    from sglang_nemodiff.model import check_seed_causal_backend
+    from sglang_nemodiff.model import GRAPH_SAFE_BACKENDS, SEED_CAUSAL_BACKENDS, check_backend
 
     monkeypatch.setattr(runtime_context, "attention_backends", lambda: ("nemodiff", "torch_native"))
-    check_seed_causal_backend()
+    check_backend("causal_seed", SEED_CAUSAL_BACKENDS)
+    with pytest.raises(ValueError, match="cuda_graphs.*'torch_native'"):
+        check_backend("cuda_graphs", GRAPH_SAFE_BACKENDS)  # graph-safe passes: nemodiff only
     monkeypatch.setattr(runtime_context, "attention_backends", lambda: ("triton", "triton"))
     with pytest.raises(ValueError, match="causal_seed.*'triton'"):
-        check_seed_causal_backend()
+        check_backend("causal_seed", SEED_CAUSAL_BACKENDS)

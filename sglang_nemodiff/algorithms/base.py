@@ -278,15 +278,16 @@ class NLDBlockAlgorithm(DllmAlgorithm):
             tokens[rows] = sample_from(probs.reshape(-1, V), u.reshape(-1)).view(-1, n)
         return tokens
 
-    def forward_pass(self, model_runner, forward_batch, causal: bool, draft_lora: bool = False):
+    def forward_pass(self, model_runner, forward_batch, causal: bool, draft_lora: bool = False,
+                     layout=None):
         options = model_runner.model.pass_options
-        options.causal, options.draft_lora = causal, draft_lora
+        options.set(causal, draft_lora, layout)
         times = self._forward_times  # None unless the plan is timed (a fixed B times nothing)
         started = self.timer.start(forward_batch.input_ids.is_cuda) if times is not None else None
         try:
             out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
         finally:
-            options.causal, options.draft_lora = None, False
+            options.clear()
         if started is not None:  # for the policy's cost table (timing.py: no per-forward sync)
             self.timer.stop(started, forward_batch.input_ids.numel(), lambda n, s: times.append((n, s)))
         return out

@@ -42,12 +42,8 @@ class NemodiffQuadratic(NemodiffLinearSpec):
         bs, L, g, k = forward_batch.batch_size, layout.block_len, layout.group, layout.n_groups
         ids = forward_batch.input_ids.view(bs, layout.tokens)
         block = ids[:, :L]
-        options = model_runner.model.pass_options
-        options.layout = layout
-        try:
-            out = self.forward_pass(model_runner, forward_batch, causal=False, draft_lora=True)
-        finally:
-            options.layout = None
+        out = self.forward_pass(model_runner, forward_batch, causal=False, draft_lora=True,
+                                layout=layout)
         logits = out.logits_output.full_logits.view(bs, layout.tokens, -1)
         verify = logits[:, :L]
         fill = BlockFill(forwards=1)

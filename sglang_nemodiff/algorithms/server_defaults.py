@@ -7,7 +7,9 @@ SGLang fields (server_args.py); every default below is decided here, once.
   NLD modes batch their rounds, so 16 unless the user chose.
 - CUDA graphs off, on every device: a round runs one model in several pass kinds (draft with the
   adapter, bidirectional denoise, causal verify/refresh) chosen per forward; a graph captured for
-  one would replay it for all (model.py GraphPassGuard). AR mode keeps SGLang's graphs.
+  one would replay it for all (model.py GraphPassGuard). AR mode keeps SGLang's graphs. With the
+  setting `cuda_graphs: true` the model runs graph-safe passes (the kind is data, pass_kind.py)
+  and SGLang's graph settings stand, on the nemodiff attention backend.
 - the checkpoint's `ar_mode` flag off (a checkpoint saved with it on would run every pass causal).
 - the algorithm YAML: the packaged defaults when none is given.
 First-done-first-out is off in the DllmConfig the plugin builds (patches/dllm_config.py), and
@@ -31,7 +33,7 @@ def diffusion_server_fields(view) -> dict:
     from sglang_nemodiff.settings import DEFAULT_CONFIG, load_settings
 
     fields = {}
-    load_settings(view.dllm_algorithm_config)  # fail at launch on a bad YAML, not in a scheduler
+    settings = load_settings(view.dllm_algorithm_config)  # a bad YAML fails here, at launch
     if view.dllm_algorithm_config is None:
         fields["dllm_algorithm_config"] = DEFAULT_CONFIG
     if view.max_running_requests is None:
@@ -41,7 +43,18 @@ def diffusion_server_fields(view) -> dict:
         overrides["ar_mode"] = False
         fields["json_model_override_args"] = json.dumps(overrides)
     graphs = view.cuda_graph_config
-    if (graphs.decode.backend != Backend.DISABLED or graphs.prefill.backend != Backend.DISABLED
+    if settings.cuda_graphs:
+        # Graph-safe passes (model.py): the graphs stay as the user set them; the pass kind is
+        # data only the nemodiff backend reads, so it is the backend (as SGLang does for an
+        # algorithm's required_attention_backend).
+        for field in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
+            current = getattr(view, field, None)
+            if current not in (None, "nemodiff"):
+                logger.warning("sglang_nemodiff: cuda_graphs: true runs on the nemodiff attention "
+                               "backend (%s was %s)", field, current)
+            if current is not None or field == "attention_backend":
+                fields[field] = "nemodiff"
+    elif (graphs.decode.backend != Backend.DISABLED or graphs.prefill.backend != Backend.DISABLED
             or not view.disable_cuda_graph):
         graphs = with_phase(with_phase(graphs, Phase.DECODE, backend=Backend.DISABLED),
                             Phase.PREFILL, backend=Backend.DISABLED)

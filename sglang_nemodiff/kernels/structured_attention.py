@@ -91,8 +91,8 @@ def _online_softmax_tile(acc, l_i, m_i, q, k, v, visible, qk_scale, DOT_FP32: tl
 @triton.jit
 def _structured_attn_fwd(
     Q, K_new, V_new, K_cache, V_cache, O, O_part, Lse_part,
-    Req_to_token, Req_pool_idx, Prefix_lens, Extend_start, Extend_lens, Mask_kinds,
-    qk_scale, num_kv_heads, quad_len, quad_group,
+    Req_to_token, Req_pool_idx, Prefix_lens, Extend_start, Extend_lens, Mask_kinds, Quad,
+    qk_scale, num_kv_heads,
     stride_qt, stride_qh,
     stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_kct, stride_kch, stride_vct, stride_vch,
@@ -166,6 +166,10 @@ def _structured_attn_fwd(
     # ---- 2. new tokens (structured mask), done by the last split only.
     if pid_s == NUM_SPLITS - 1:
         kind = tl.load(Mask_kinds + b).to(tl.int32)
+        # A quadratic round's (L, g), read from memory like the kind: a captured graph replays
+        # every pass kind and round shape of its token count.
+        quad_len = tl.load(Quad).to(tl.int32)
+        quad_group = tl.load(Quad + 1).to(tl.int32)
         m_hi = tl.minimum(m_start + BLOCK_M, ext_len) - 1  # last real token of this tile
         # Visible new-token keys: causal [0, m_hi], the other kinds all of them.
         e_hi = tl.where(kind == 0, m_hi + 1, ext_len)
@@ -281,6 +285,26 @@ def _as_kind_tensor(mask_kind, batch: int, device) -> torch.Tensor:
     return torch.full((batch,), kind, dtype=torch.int32, device=device)
 
 
+def _as_quad_tensor(quadratic, device) -> torch.Tensor:
+    """(L, g) as int32 [2] on the device: a tensor as given (a graph-safe pass's data), else
+    made from the tuple ((0, 1) when there is no quadratic round)."""
+    if isinstance(quadratic, torch.Tensor):
+        assert quadratic.numel() >= 2, "quadratic tensor must hold (L, g)"
+        return quadratic[:2].to(device=device, dtype=torch.int32)
+    return torch.tensor(tuple(quadratic[:2]) if quadratic else (0, 1), dtype=torch.int32,
+                        device=device)
+
+
+def quadratic_shape(quadratic, extend_len: int) -> Optional[tuple]:
+    """(L, g, groups) of a round of `extend_len` tokens from (L, g[, groups]) or an int tensor
+    (L, g): a sparse round's extend length says how many groups it has."""
+    if quadratic is None:
+        return None
+    L, g = (int(x) for x in (quadratic.tolist() if isinstance(quadratic, torch.Tensor)
+                             else quadratic)[:2])
+    return L, g, (extend_len - L) // g
+
+
 def _last_dim_contig(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -301,8 +325,10 @@ def structured_attention(
 
     Optional host-side hints avoid device->host syncs: ``max_extend_len`` / ``max_prefix_len``
     (SGLang has them on the CPU already); ``num_splits`` forces the prefix split count.
-    ``quadratic`` = (L, g[, groups]): the round layout of requests whose kind is QUADRATIC (a
-    sparse round's extend length tells the kernel how many groups there are).
+    ``quadratic`` = (L, g[, groups]) or an int tensor holding (L, g): the round layout of
+    requests whose kind is QUADRATIC (a sparse round's extend length tells the kernel how many
+    groups there are). With ``mask_kind`` and ``quadratic`` as tensors nothing about the pass kind
+    is baked into the launch (a CUDA graph of it replays every kind).
     """
     T, Hq, D = q.shape
     Hkv = k_new.shape[1]
@@ -357,7 +383,7 @@ def structured_attention(
     _structured_attn_fwd[grid](
         q, k_new, v_new, k_cache, v_cache, o, o_part, lse_part,
         req_to_token, req_pool_indices, prefix_lens, extend_start_loc, extend_lens, kinds,
-        float(sm_scale) * _LOG2E, Hkv, *(quadratic[:2] if quadratic else (0, 1)),
+        _as_quad_tensor(quadratic, q.device), float(sm_scale) * _LOG2E, Hkv,
         q.stride(0), q.stride(1),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
@@ -444,7 +470,8 @@ def structured_attention_reference(
         v = v.repeat_interleave(G, dim=1)
         qb = q[s:s + E].float()
         scores = torch.einsum("ihd,jhd->hij", qb, k) * sm_scale
-        mask = build_mask(kinds[b], P, E, device=q.device, quadratic=quadratic)
+        mask = build_mask(kinds[b], P, E, device=q.device,
+                          quadratic=quadratic_shape(quadratic, E) if kinds[b] == QUADRATIC else None)
         scores = scores.masked_fill(~mask[None], float("-inf"))
         p = torch.softmax(scores, dim=-1)
         out[s:s + E] = torch.einsum("hij,jhd->ihd", p, v).to(out.dtype)

@@ -8,11 +8,12 @@ B queries attend over its L keys directly, with an explicit causal mask when the
 (query i sees keys up to prefix + i) and none when it is bidirectional. Same math, rows computed
 once. AR mode keeps the stock function (its output is the accuracy reference).
 
-A bidirectional layer the model marked `nemodiff_seed_causal` (config.py: causal_seed) keeps its
-first query row (the block's seed) causal: `forward_extend` is wrapped to hand that mark, which
-only the layer carries, to the extend function for the duration of the call. A quadratic round's
-forward (quadratic_layout.py) hands its layout the same way: the bidirectional layers draw its
-pattern (block rows causal, each mask group over its block prefix and itself)."""
+The bidirectional layers of a seed-causal pass (config.py: causal_seed) keep their first query
+row (the block's seed) causal, and those of a quadratic round (quadratic_layout.py) draw its
+pattern (block rows causal, each mask group over its block prefix and itself): `forward_extend`
+is wrapped to hand the pass kind the model put on the batch (pass_kind.py) to the extend
+function for the duration of the call. (Eager forwards only: graph-safe ones need the nemodiff
+backend.)"""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from sglang_nemodiff.kernels.structured_attention import SEED_CAUSAL, build_mask
+from sglang_nemodiff.kernels.structured_attention import QUADRATIC, SEED_CAUSAL, build_mask
 
 TARGETS = ("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend",
            "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend")
@@ -61,12 +62,11 @@ def run_sdpa_forward_extend(original, backend, query, output, k_cache, v_cache, 
 def forward_extend(original, backend, q, k, v, layer, forward_batch, save_kv_cache=True):
     from sglang.srt.layers.radix_attention import AttentionType
 
-    bidirectional = layer.attn_type == AttentionType.ENCODER_ONLY
-    layout = getattr(forward_batch, "nemodiff_layout", None) if bidirectional else None
-    seed_causal = getattr(layer, "nemodiff_seed_causal", False) and layout is None
-    if not seed_causal and layout is None:
+    kind = getattr(forward_batch, "nemodiff_kind", None)  # the eager pass kind (model.py)
+    if kind is None or layer.attn_type != AttentionType.ENCODER_ONLY or kind.mask not in (
+            SEED_CAUSAL, QUADRATIC):
         return original(backend, q, k, v, layer, forward_batch, save_kv_cache)
-    backend._nemodiff_seed_causal, backend._nemodiff_layout = seed_causal, layout
+    backend._nemodiff_seed_causal, backend._nemodiff_layout = kind.mask == SEED_CAUSAL, kind.layout
     try:
         return original(backend, q, k, v, layer, forward_batch, save_kv_cache)
     finally:
