@@ -48,13 +48,19 @@ BACKEND_NAME = "nemodiff"
 
 
 class _ExtendMetadata:
-    """Per-forward extend layout, shared by all layers of one forward."""
+    """Per-forward extend layout, shared by all layers of one forward: an eager batch's, or a
+    captured graph's (`graph`: static buffers the graph reads, refreshed in place per replay)."""
 
-    __slots__ = ("extend_seq_lens", "extend_start_loc", "max_extend_len", "max_prefix_len")
+    __slots__ = ("extend_seq_lens", "prefix_lens", "extend_start_loc", "max_extend_len",
+                 "max_prefix_len", "graph")
 
-    def __init__(self, forward_batch: ForwardBatch):
+    def __init__(self, forward_batch: Optional[ForwardBatch] = None):
+        self.graph = False
+        if forward_batch is None:
+            return
         seq_lens = forward_batch.extend_seq_lens
         self.extend_seq_lens = seq_lens  # identifies the batch (copies share the tensor)
+        self.prefix_lens = forward_batch.extend_prefix_lens
         start = forward_batch.extend_start_loc
         if start is None or start.shape[0] != seq_lens.shape[0]:
             start = torch.cumsum(seq_lens, 0) - seq_lens  # exclusive cumsum
@@ -64,6 +70,19 @@ class _ExtendMetadata:
         # Host-side maxima (None makes the kernel sync to compute them).
         self.max_extend_len = max(ext_cpu) if ext_cpu else None
         self.max_prefix_len = max(pre_cpu) if pre_cpu else None
+
+    @classmethod
+    def for_graph(cls, buffers: dict, batch: int, tokens_per_request: int, max_context: int):
+        """A graph's DLLM_EXTEND layout (every request extends tokens_per_request tokens): views
+        of the backend's graph buffers; the prefix lengths are written inside the graph."""
+        meta = cls()
+        meta.graph = True
+        meta.extend_seq_lens = buffers["extend_lens"][:batch]
+        meta.prefix_lens = buffers["prefix_lens"][:batch]
+        meta.extend_start_loc = buffers["start_loc"][:batch]
+        meta.max_extend_len = tokens_per_request
+        meta.max_prefix_len = max_context  # plans the prefix split for the longest context
+        return meta
 
 
 @torch.library.custom_op("nemodiff::extend_attention", mutates_args=("out",))
@@ -158,13 +177,46 @@ class NemodiffAttnBackend(TorchNativeAttnBackend):
             return False
         return self.token_to_kv_pool.get_key_buffer(layer.layer_id).dtype == q.dtype
 
+    # ----- CUDA graphs (graph-safe models only, `cuda_graphs: true`): SGLang's dLLM graph runner
+    # captures DLLM_EXTEND batches of a fixed width; the hooks below give the captured kernel
+    # launch static layout buffers, and the pass kind comes from the model's pass data.
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        device = self.req_to_token_pool.req_to_token.device
+        self.graph_buffers = {name: torch.zeros(max_bs, dtype=torch.int64, device=device)
+                              for name in ("extend_lens", "prefix_lens", "start_loc")}
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return 1
+
+    def init_forward_metadata_out_graph(self, forward_batch: ForwardBatch, in_capture: bool = False):
+        """Before a capture or a replay (host side): the graph's layout buffers."""
+        mode = forward_batch.forward_mode
+        if not mode.is_dllm_extend():
+            raise ValueError(f"nemodiff attention backend: no CUDA graph for {mode.name} batches "
+                             "(the diffusion modes capture DLLM_EXTEND rounds only)")
+        bs = forward_batch.batch_size
+        self.extend_metadata = _ExtendMetadata.for_graph(
+            self.graph_buffers, bs, forward_batch.input_ids.numel() // bs,
+            self.req_to_token_pool.req_to_token.shape[1])
+
+    def init_forward_metadata_in_graph(self, forward_batch: ForwardBatch):
+        """Recorded in the graph: every request extends T tokens after seq_lens - T cached ones."""
+        meta = self.extend_metadata
+        T, bs = meta.max_extend_len, meta.prefix_lens.shape[0]
+        meta.extend_seq_lens.fill_(T)
+        torch.mul(torch.arange(bs, device=meta.extend_start_loc.device), T, out=meta.extend_start_loc)
+        torch.sub(forward_batch.seq_lens[:bs], T, out=meta.prefix_lens)
+
     def forward_extend(self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch,
                        save_kv_cache=True):
-        if (forward_batch.extend_seq_lens is None or forward_batch.extend_prefix_lens is None
-                or not self._kernel_covers(q, k, v, layer)):
-            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
         meta = self.extend_metadata
-        if meta is None or meta.extend_seq_lens is not forward_batch.extend_seq_lens:
+        in_graph = meta is not None and meta.graph
+        if not in_graph and (forward_batch.extend_seq_lens is None
+                             or forward_batch.extend_prefix_lens is None
+                             or not self._kernel_covers(q, k, v, layer)):
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        if not in_graph and (meta is None or meta.extend_seq_lens is not forward_batch.extend_seq_lens):
             # A caller that skipped init_forward_metadata for this batch.
             meta = self.extend_metadata = _ExtendMetadata(forward_batch)
 
@@ -183,9 +235,9 @@ class NemodiffAttnBackend(TorchNativeAttnBackend):
             self.token_to_kv_pool.get_value_buffer(layer.layer_id),
             self.req_to_token_pool.req_to_token,
             forward_batch.req_pool_indices,
-            forward_batch.extend_prefix_lens,
+            meta.prefix_lens,
             meta.extend_start_loc,
-            forward_batch.extend_seq_lens,
+            meta.extend_seq_lens,
             kinds,
             quad,
             layer.scaling,

@@ -163,3 +163,55 @@ def test_eager_model_recompiles_per_pass_kind(checkpoint, monkeypatch):
         with pytest.raises(torch._dynamo.exc.RecompileError):
             served.forward(ids, list(PREFIXES), [T, T], KINDS["causal (verify, refresh, AR step)"],
                            compiled)
+
+
+def test_backend_graph_hooks_capture_once_and_replay(checkpoint, monkeypatch):
+    """The nemodiff backend's CUDA-graph hooks, driven as SGLang's dLLM graph runner drives them,
+    with torch.compile standing in for the capture: static batch buffers without the extend
+    fields (the runner's), `init_forward_metadata_out_graph` on the host, then the recorded part
+    (`init_forward_metadata_in_graph` + the forward) compiled once; replays rewrite the buffers
+    in place (other prefixes, other tokens, another pass kind) and equal eager forwards of real
+    batches. Nothing recompiles."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+
+    served = Served(checkpoint, graph_safe=True, monkeypatch=monkeypatch)
+    backend, model, bs = served.backend, served.model, len(PREFIXES)
+    backend.init_cuda_graph_state(max_bs=4, max_num_tokens=4 * T)
+    static = ForwardBatch(forward_mode=ForwardMode.DLLM_EXTEND, batch_size=bs,
+                          input_ids=torch.zeros(bs * T, dtype=torch.long),
+                          req_pool_indices=torch.arange(1, bs + 1), seq_lens=torch.zeros(bs, dtype=torch.long),
+                          out_cache_loc=torch.zeros(bs * T, dtype=torch.long), seq_lens_sum=0,
+                          positions=torch.zeros(bs * T, dtype=torch.long))
+    static.capture_hidden_mode = served.batch(round_ids(served.config), list(PREFIXES), [T, T]).capture_hidden_mode
+
+    def recorded():
+        backend.init_forward_metadata_in_graph(static)
+        return model.forward(static.input_ids, static.positions, static).full_logits
+
+    torch._dynamo.reset()
+    compiled = torch.compile(recorded, fullgraph=True, dynamic=False, backend="aot_eager")
+    gen = torch.Generator().manual_seed(3)
+    cases = [((5, 11), KINDS["draft (seed-causal + adapter)"]), ((9, 4), KINDS["quadratic round"]),
+             ((11, 7), KINDS["causal (verify, refresh, AR step)"])]
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        for prefixes, kind in cases:
+            ids = round_ids(served.config)
+            ids[ids != served.config.mask_token_id] = torch.randint(
+                0, served.config.mask_token_id, (int((ids != served.config.mask_token_id).sum()),),
+                generator=gen)
+            real = served.batch(ids, list(prefixes), [T, T])
+            want = served.forward(ids, list(prefixes), [T, T], kind)
+            # the runner's replay: fill the static buffers, host-side metadata, replay
+            static.input_ids.copy_(real.input_ids)
+            static.positions.copy_(real.positions)
+            static.seq_lens.copy_(real.seq_lens)
+            static.out_cache_loc.copy_(real.out_cache_loc)
+            backend.init_forward_metadata_out_graph(static)
+            model.pass_options.set_kind(kind)
+            try:
+                with forward_context(ForwardContext(attn_backend=backend), forward_batch=static):
+                    got = compiled()
+            finally:
+                model.pass_options.clear()
+            assert torch.equal(got, want), (prefixes, kind)

@@ -193,6 +193,46 @@ def test_structured_attention_quadratic(heads, dtype):
 
 
 @launches_kernels
+def test_structured_attention_reads_the_pass_kind_from_data():
+    """Graph-safe passes (pass_kind.py): the kind and a quadratic round's (L, g) are tensors the
+    kernel reads, written in place between launches. On CUDA one launch is captured in a CUDA
+    graph and replayed for every kind (a graph of the served forward does the same); on CPU the
+    same buffers are rewritten between interpreted launches. Each equals the reference of its
+    kind, and the kinds differ."""
+    batch = _make_batch(51, 4, 2, 16, torch.float32, [7, 20], [9, 9])
+    D = batch["q"].shape[-1]
+    kinds = torch.zeros(2, dtype=torch.int32, device=DEV)
+    quad = torch.tensor([0, 1], dtype=torch.int32, device=DEV)
+    out = torch.zeros_like(batch["q"])
+
+    def launch():
+        structured_attention(**batch, mask_kind=kinds, sm_scale=D ** -0.5, out=out, quadratic=quad,
+                             max_extend_len=9, max_prefix_len=20)
+
+    graph = None
+    if _HAS_CUDA:
+        launch()  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            launch()
+    results = []
+    for kind, shape in ((CAUSAL, (0, 1)), (BLOCK_BIDIRECTIONAL, (0, 1)), (SEED_CAUSAL, (0, 1)),
+                        (QUADRATIC, (3, 2))):
+        kinds.fill_(kind)
+        quad.copy_(torch.tensor(shape, dtype=torch.int32))
+        out.zero_()
+        graph.replay() if graph is not None else launch()
+        ref = structured_attention_reference(**batch, mask_kind=kind, sm_scale=D ** -0.5,
+                                             quadratic=shape if kind == QUADRATIC else None)
+        assert (out - ref).abs().max().item() <= ATOL[torch.float32], kind
+        results.append(out.clone())
+    for i in range(len(results)):
+        for j in range(i):
+            assert not torch.equal(results[i], results[j])
+
+
+@launches_kernels
 def test_structured_attention_all_zero_prefix_and_odd_shapes():
     # no prefix at all, head_dim not a power of two, G = 3 (padded to 4), int64 indices
     batch = _make_batch(3, 6, 2, 24, torch.float32, [0, 0], [1, 23], idx_dtype=torch.int64)

@@ -245,6 +245,41 @@ def test_graph_pass_guard_raises_on_another_pass_kind():
         guard.check(ForwardMode.DLLM_EXTEND, "causal")
 
 
+def test_graph_safe_model_replays_only_its_captured_width():
+    """A graph-safe model's graph serves every pass kind but one round width: a batch of another
+    width (another block size, a quadratic round, AR steps) runs eagerly; an eager model keeps
+    the kind guard."""
+    from types import SimpleNamespace
+
+    import torch
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from sglang_nemodiff.model import GraphPassGuard, PassOptions
+    from sglang_nemodiff.patches.cuda_graph_guard import can_run_graph
+
+    def runner(graph_safe):
+        model = SimpleNamespace(pass_options=PassOptions(graph_safe=graph_safe),
+                                graph_guard=GraphPassGuard())
+        return SimpleNamespace(model_runner=SimpleNamespace(model=model), captured_req_width=16)
+
+    def batch(width):
+        return SimpleNamespace(forward_mode=ForwardMode.DLLM_EXTEND, batch_size=3,
+                               input_ids=torch.zeros(3 * width, dtype=torch.long))
+
+    def original(runner, forward_batch):
+        return True
+
+    safe = runner(True)
+    assert can_run_graph(original, safe, batch(16))
+    assert not can_run_graph(original, safe, batch(8)) and not can_run_graph(original, safe, batch(272))
+    assert not can_run_graph(lambda r, b: False, safe, batch(16))
+    eager = runner(False)
+    eager.model_runner.model.graph_guard.record(ForwardMode.DLLM_EXTEND, "causal")
+    eager.model_runner.model.pass_options.set(causal=False, adapter=True)
+    with pytest.raises(RuntimeError, match="captured for a causal"):
+        can_run_graph(original, eager, batch(16))
+
+
 def test_prompt_id_validation_messages():
     from sglang_nemodiff.patches.request_validation import out_of_vocab_message
 
