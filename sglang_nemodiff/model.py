@@ -80,6 +80,7 @@ class PassOptions:
         self._default = PassKind.resolve(ar_mode, causal_seed=causal_seed)
         # On the default device, which SGLang's loader sets to the model's while it builds it.
         self.data = torch.tensor(self._default.data(), dtype=torch.int32) if graph_safe else None
+        self._sources: dict = {}
 
     def set(self, causal: bool, adapter: bool = False, layout=None) -> PassKind:
         """The kind of an algorithm's pass (PassKind.resolve, with this checkpoint's flags)."""
@@ -96,8 +97,15 @@ class PassOptions:
         self._write(self._default)
 
     def _write(self, kind: PassKind) -> None:
-        if self.data is not None:
-            self.data.copy_(torch.tensor(kind.data(), dtype=torch.int32), non_blocking=True)
+        if self.data is None:
+            return
+        # A device-to-device copy from one tensor per kind (made once): stream-ordered, no host
+        # wait (a copy from pageable host memory would wait for the GPU every forward).
+        key = tuple(kind.data())
+        source = self._sources.get(key)
+        if source is None:
+            source = self._sources[key] = torch.tensor(key, dtype=torch.int32, device=self.data.device)
+        self.data.copy_(source)
 
     def resolve(self, forward_batch: ForwardBatch) -> PassKind:
         """The kind the next forward runs."""
