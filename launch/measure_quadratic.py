@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompts", type=int, default=0, help="the first N prompts only (0: all)")
+    ap.add_argument("--linearspec-adapter", action="store_true",
+                    help="quadratic rounds with the LinearSpec adapter (not the checkpoint's quadratic_lora)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from sglang_nemodiff.reference import NLDReference, ar_generate, linearspec_generate, quadratic_generate
@@ -54,6 +56,8 @@ def main() -> None:
 
         path = bundled_model_path()
     model = NLDReference.from_pretrained(path)
+    # the adapter the quadratic mode runs (checkpoint.adapter_dir: quadratic_lora/ when present)
+    quadratic_model = NLDReference.from_pretrained(path, quadratic=not args.linearspec_adapter)
     prompts, eos = prompts_for(args.model, path)
     prompts = prompts[: args.prompts or None]
     n = args.max_new_tokens
@@ -76,7 +80,8 @@ def main() -> None:
         print(f"| {b} | LinearSpec | {b} | {lin_tpf:.2f} | {mean_accepted(lin):.2f} | 1.00x |", flush=True)
         g = group_size(b, model.config.shift_logits)
         for k in [None] + [k for k in group_counts if k < b]:
-            quad = [quadratic_generate(model, ids, n, eos, block_size=b, groups=k) for ids in prompts]
+            quad = [quadratic_generate(quadratic_model, ids, n, eos, block_size=b, groups=k)
+                    for ids in prompts]
             assert [r.tokens for r in quad] == [r.tokens for r in ar], "output differs from AR"
             quad_tpf = tokens / sum(r.forwards for r in quad)
             name = "quadratic" if k is None else f"sparse quadratic, {k} group{'s' * (k > 1)}"

@@ -3,6 +3,7 @@
 `write_random_checkpoint` makes a tiny random model for tests (config.json with the real field
 names, safetensors with the real tensor names, a tokenizer with mask id 100 / EOS 11, and
 optionally a `linear_spec_lora/` PEFT adapter). `check_checkpoint` names what is missing or wrong.
+`adapter_dir` picks the draft adapter a mode runs (`quadratic_lora/` for quadratic when present).
 """
 
 from __future__ import annotations
@@ -22,6 +23,20 @@ TINY_CONFIG = dict(
                      "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                      "llama_4_scaling_beta": 0.1},
 )
+
+
+LINEAR_SPEC_ADAPTER = "linear_spec_lora"  # the checkpoint's draft adapter (NLD's name)
+QUADRATIC_ADAPTER = "quadratic_lora"  # optional: drafts for quadratic rounds (their own layout)
+
+
+def adapter_dir(path: str, quadratic: bool = False) -> str:
+    """The draft adapter a mode runs, one decision for the served model and the oracle: the
+    quadratic mode's own `quadratic_lora/` when the checkpoint has one (its groups draft without
+    knowing the bonus, a layout the LinearSpec adapter was not distilled for:
+    launch/train_quadratic_draft.py), else `linear_spec_lora/`."""
+    if quadratic and os.path.isdir(os.path.join(path, QUADRATIC_ADAPTER)):
+        return os.path.join(path, QUADRATIC_ADAPTER)
+    return os.path.join(path, LINEAR_SPEC_ADAPTER)
 
 
 def expected_tensor_shapes(config: NemotronLabsDiffusionConfig) -> dict[str, tuple[int, ...]]:

@@ -62,7 +62,19 @@ from sglang_nemodiff.reference.model import slot_logits
 
 logger = logging.getLogger(__name__)
 
-LORA_DIR = "linear_spec_lora"
+
+
+def serving_quadratic() -> bool:
+    """Whether this SGLang process serves the quadratic mode (False outside a server)."""
+    try:
+        from sglang.srt.runtime_context import get_exec
+
+        algorithm = get_exec().dllm.dllm_algorithm
+    except (ImportError, ValueError, AttributeError):
+        return False
+    from sglang_nemodiff.algorithms import ALGORITHMS
+
+    return algorithm == ALGORITHMS["quadratic"]
 
 
 class PassOptions:
@@ -425,12 +437,15 @@ class NemotronLabsDiffusionModel(nn.Module):
         self.load_draft_lora()
 
     def load_draft_lora(self):
-        """Attach `linear_spec_lora/` (PEFT, o_proj) for the draft pass, if configured/present."""
+        """Attach the draft adapter (PEFT, o_proj) if configured/present: `lora_path`, else the
+        checkpoint's for this server's mode (checkpoint.adapter_dir)."""
         from sglang_nemodiff.settings import current_settings
+
+        from sglang_nemodiff.checkpoint import adapter_dir
 
         settings = current_settings()
         root = getattr(self.config, "_name_or_path", None) or ""
-        lora_dir = settings.lora_path or os.path.join(root, LORA_DIR)
+        lora_dir = settings.lora_path or adapter_dir(root, quadratic=serving_quadratic())
         if not settings.use_lora:
             return
         if not os.path.isdir(lora_dir):

@@ -86,13 +86,13 @@ def reference(tiny_checkpoint):
 class ServerPool:
     """Servers keyed by (checkpoint, mode, args), started on first use. At most `max_alive` run at
     once (least recently used stops first): each costs ~1 GB; idle ones sleep (--sleep-on-idle,
-    ~5% of a core). Four, because most test files cycle through ar / linearspec / fastdiffuser
-    on one checkpoint plus one variant: with two alive every third test restarted a server
-    (~35 s each; 37 starts in a full run). Fixtures call `get` per test, so an evicted server
-    is started again if needed; every start is recorded (`starts`, printed at the end of the
-    run)."""
+    ~5% of a core). Seven: the four random-checkpoint servers most files share (ar, linearspec,
+    fastdiffuser, quadratic) stay up while a file's own variants come and go; with four alive
+    they were evicted between files (45 starts of 29 configurations, 16 of them restarts at
+    ~21 s each). Fixtures call `get` per test, so an evicted server is started again if needed;
+    every start is recorded (`starts`, printed at the end of the run)."""
 
-    def __init__(self, log_dir, max_alive: int = 4):
+    def __init__(self, log_dir, max_alive: int = 7):
         self.log_dir = log_dir
         self.max_alive = max_alive
         self.servers = {}

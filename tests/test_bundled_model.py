@@ -47,18 +47,19 @@ def test_checkpoint_layout_and_size():
         assert json.load(f)["eos_token_id"] == 11
     for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"):
         assert os.path.isfile(os.path.join(PATH, name)), name
-    lora = os.path.join(PATH, "linear_spec_lora")
-    with open(os.path.join(lora, "adapter_config.json")) as f:
-        adapter = json.load(f)
-    assert adapter["target_modules"] == ["o_proj"] and adapter["r"] > 0 and adapter["lora_alpha"] > 0
     from safetensors import safe_open
 
-    with safe_open(os.path.join(lora, "adapter_model.safetensors"), "pt") as f:
-        for i in range(raw["num_hidden_layers"]):
-            key = f"base_model.model.encoder.layers.{i}.self_attn.o_proj"
-            width = raw["num_attention_heads"] * raw["head_dim"]
-            assert tuple(f.get_slice(f"{key}.lora_A.weight").get_shape()) == (adapter["r"], width)
-            assert tuple(f.get_slice(f"{key}.lora_B.weight").get_shape()) == (raw["hidden_size"], adapter["r"])
+    # The LinearSpec draft adapter, and the quadratic mode's own (launch/train_quadratic_draft.py).
+    for lora in (os.path.join(PATH, "linear_spec_lora"), os.path.join(PATH, "quadratic_lora")):
+        with open(os.path.join(lora, "adapter_config.json")) as f:
+            adapter = json.load(f)
+        assert adapter["target_modules"] == ["o_proj"] and adapter["r"] > 0 and adapter["lora_alpha"] > 0
+        with safe_open(os.path.join(lora, "adapter_model.safetensors"), "pt") as f:
+            for i in range(raw["num_hidden_layers"]):
+                key = f"base_model.model.encoder.layers.{i}.self_attn.o_proj"
+                width = raw["num_attention_heads"] * raw["head_dim"]
+                assert tuple(f.get_slice(f"{key}.lora_A.weight").get_shape()) == (adapter["r"], width)
+                assert tuple(f.get_slice(f"{key}.lora_B.weight").get_shape()) == (raw["hidden_size"], adapter["r"])
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(PATH) for f in fs)
     assert size <= 32 * 1024 * 1024, size
 

@@ -2,6 +2,8 @@
 brute-force construction from the rules, and its output == AR (greedy) on an NLD checkpoint and
 on a converted-layout one, one forward per round."""
 
+import os
+
 import pytest
 import torch
 
@@ -80,12 +82,32 @@ def test_fewer_forwards_than_linearspec_on_the_bundled_model():
 
     path = bundled_model_path()
     bundled_reference = NLDReference.from_pretrained(path)
+    quadratic_reference = NLDReference.from_pretrained(path, quadratic=True)  # its quadratic_lora
     sets = heldout_prompt_sets(AutoTokenizer.from_pretrained(path), n_per_set=2, continuation_tokens=96)
-    lin = quad = 0
+    lin = quad = quad_linearspec_adapter = 0
     for ids in [p.input_ids for p in sets["continuation"] + sets["edit"]]:
         lin += linearspec_generate(bundled_reference, ids, 64, 11, block_size=16).forwards
-        quad += quadratic_generate(bundled_reference, ids, 64, 11, block_size=16).forwards
-    assert quad < lin
+        quad += quadratic_generate(quadratic_reference, ids, 64, 11, block_size=16).forwards
+        quad_linearspec_adapter += quadratic_generate(bundled_reference, ids, 64, 11, block_size=16).forwards
+    assert quad < quad_linearspec_adapter < lin  # the quadratic adapter drafts its groups better
+
+
+def test_quadratic_adapter_is_chosen_when_present(tmp_path):
+    """checkpoint.adapter_dir, the one decision the server and the oracle share: quadratic rounds
+    run `quadratic_lora/` when the checkpoint has one, else the LinearSpec adapter; every other
+    mode runs the LinearSpec adapter."""
+    import shutil
+
+    from sglang_nemodiff.checkpoint import adapter_dir, write_random_checkpoint, write_random_lora
+
+    path = write_random_checkpoint(str(tmp_path / "ckpt"), seed=1, lora_rank=4)
+    assert adapter_dir(path, quadratic=True) == adapter_dir(path) == os.path.join(path, "linear_spec_lora")
+    write_random_lora(os.path.join(path, "quadratic_lora"), NLDReference.from_pretrained(path).config, 4, 9)
+    assert adapter_dir(path, quadratic=True) == os.path.join(path, "quadratic_lora")
+    assert adapter_dir(path) == os.path.join(path, "linear_spec_lora")
+    quadratic, linearspec = (NLDReference.from_pretrained(path, quadratic=q) for q in (True, False))
+    assert not torch.equal(quadratic.draft_lora[0][0], linearspec.draft_lora[0][0])
+    shutil.rmtree(os.path.join(path, "quadratic_lora"))
 
 
 @pytest.mark.parametrize("groups", [1, 3])

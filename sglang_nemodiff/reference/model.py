@@ -142,7 +142,9 @@ class NLDReference(nn.Module):
         return names
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu", **config_overrides):
+    def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu", quadratic: bool = False,
+                        **config_overrides):
+        """`quadratic`: load the draft adapter the quadratic mode runs (checkpoint.adapter_dir)."""
         from safetensors.torch import load_file
 
         from sglang_nemodiff.config import NemotronLabsDiffusionConfig
@@ -169,7 +171,9 @@ class NLDReference(nn.Module):
         model.inv_freq, model.rope_scale = yarn_inv_freq_and_scale(
             model.head_dim, model.config.rope_parameters)
         model.inv_freq = model.inv_freq.to(device)
-        lora_dir = os.path.join(path, "linear_spec_lora")
+        from sglang_nemodiff.checkpoint import adapter_dir
+
+        lora_dir = adapter_dir(path, quadratic)
         if os.path.isdir(lora_dir):
             model.load_draft_lora(lora_dir)
         return model.eval()

@@ -290,11 +290,18 @@ def sample_blocks(seqs: list[Sequence], n_blocks: int, rng: random.Random, block
 
 
 def block_batch(seqs: list[Sequence], seeds: list[int], n_blocks: int, mask_id: int, block_size: int,
-                device, dtype=torch.float32):
-    """Inputs for `forward_cached`: B = len(seqs) rows of n_blocks blocks; seeds [B * n_blocks]."""
+                device, dtype=torch.float32, quadratic: bool = False):
+    """Inputs for `forward_cached`: B = len(seqs) rows of n_blocks blocks; seeds [B * n_blocks].
+
+    `quadratic`: the block is a quadratic round's draft group instead (quadratic_layout.py): the
+    committed token at the seed position p is in the prefix, and the group's masks stand at
+    p + 1 .. p + block_size, the first at the bonus's position (not yet known when the group
+    drafts; the bonus replaces it), so slot j's target is the greedy token at p + 1 + j and the
+    drafts that count start at slot 1, as in LinearSpec's blocks."""
     B, K, bs = len(seqs), n_blocks, block_size
-    st = torch.tensor(seeds, dtype=torch.long).view(B, K)
-    Lp = int(st.max())  # the prefix a block needs is positions < seed
+    shift = 1 if quadratic else 0  # the block starts after the seed position
+    st = torch.tensor(seeds, dtype=torch.long).view(B, K) + shift
+    Lp = int(st.max())  # the prefix a block needs is positions < its first slot
     n_layers = seqs[0].kv.shape[0]
     kv = torch.zeros(n_layers, 2, B, seqs[0].kv.shape[2], Lp, seqs[0].kv.shape[4], dtype=dtype)
     for r, s in enumerate(seqs):
@@ -310,9 +317,13 @@ def block_batch(seqs: list[Sequence], seeds: list[int], n_blocks: int, mask_id: 
         t = torch.tensor(s.tokens)
         for k in range(K):
             p = int(st[r, k])
-            ids[r, k, 0] = t[p]
-            seg = t[p + 1 : p + bs]
-            targets[r, k, 1 : 1 + len(seg)] = seg
+            if quadratic:
+                seg = t[p : p + bs]
+                targets[r, k, : len(seg)] = seg
+            else:
+                ids[r, k, 0] = t[p]
+                seg = t[p + 1 : p + bs]
+                targets[r, k, 1 : 1 + len(seg)] = seg
     mask = torch.zeros(B, K * bs, Lp + K * bs, dtype=torch.bool)
     cols = torch.arange(Lp)
     for k in range(K):
@@ -481,14 +492,18 @@ def lr_schedule(step: int, steps: int, lr: float, warmup: int, final_frac: float
 def train_draft_lora(model: NLDTrainModel, lora: DraftLoRA, data: list[Sequence], *, steps: int,
                      seqs_per_step: int, blocks_per_seq: int, lr: float, warmup: int, tau: float,
                      mask_id: int, block_size: int, seed: int, reach: float = 0.0, evaluate=None,
-                     eval_every: int = 0, first_block_frac: float = 0.1, log=print):
+                     eval_every: int = 0, first_block_frac: float = 0.1, log=print,
+                     quadratic: bool = False, slot0_weight: float = 0.0):
     """AdamW on the LoRA only; `evaluate(lora) -> (score, info)` every `eval_every` steps and at the
-    end; returns (best state_dict by score, history rows)."""
+    end; returns (best state_dict by score, history rows). `quadratic`: train on quadratic draft
+    groups (block_batch) instead of LinearSpec blocks; `slot0_weight`: the weight of a group's
+    slot 0 (the bonus's position, whose draft the bonus replaces, so 0 scores nothing)."""
     dev = model.diffusion_head.weight.device
     data = [s for s in data if len(s.tokens) - s.prompt_len >= 2]
     rng = random.Random(seed)
     opt = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     weights = position_weights(block_size, tau, dev)
+    weights[0] = slot0_weight  # quadratic groups: slot 0 (the bonus's position) as an extra target
     history, best, ema = [], (-float("inf"), None, 0), None
     t_train = 0.0
 
@@ -509,7 +524,8 @@ def train_draft_lora(model: NLDTrainModel, lora: DraftLoRA, data: list[Sequence]
         t0 = time.time()
         seqs = [data[rng.randrange(len(data))] for _ in range(seqs_per_step)]
         seeds = sample_blocks(seqs, blocks_per_seq, rng, block_size, first_block_frac)
-        ids, pos, past, mask, targets = block_batch(seqs, seeds, blocks_per_seq, mask_id, block_size, "cpu")
+        ids, pos, past, mask, targets = block_batch(seqs, seeds, blocks_per_seq, mask_id, block_size, "cpu",
+                                                    quadratic=quadratic)
         batch = (ids.to(dev), pos.to(dev), [(k.to(dev), v.to(dev)) for k, v in past], mask.to(dev),
                  targets.to(dev))
         for g in opt.param_groups:
