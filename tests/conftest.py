@@ -48,7 +48,8 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def bundled_with_random_lora(directory, rank: int = 8) -> str:
-    """A copy of the bundled model whose draft adapter is a random one (drafts change, AR does not).
+    """A copy of the bundled model whose draft adapter, for every mode, is a random one (drafts
+    change, AR does not).
     Rank 8 stays a low-rank path in the server; rank >= 32 is merged into a draft o_proj."""
     import shutil
 
@@ -57,7 +58,8 @@ def bundled_with_random_lora(directory, rank: int = 8) -> str:
     from sglang_nemodiff.reference import NLDReference
 
     path = os.path.join(str(directory), "nld-tiny-lora")
-    shutil.copytree(bundled_model_path(), path)
+    # the random adapter is every mode's: without the quadratic one (checkpoint.adapter_dir)
+    shutil.copytree(bundled_model_path(), path, ignore=shutil.ignore_patterns("quadratic_lora"))
     write_random_lora(os.path.join(path, "linear_spec_lora"), NLDReference.from_pretrained(path).config,
                       rank=rank, seed=7, scale=0.5)
     return path
@@ -86,13 +88,14 @@ def reference(tiny_checkpoint):
 class ServerPool:
     """Servers keyed by (checkpoint, mode, args), started on first use. At most `max_alive` run at
     once (least recently used stops first): each costs ~1 GB; idle ones sleep (--sleep-on-idle,
-    ~5% of a core). Seven: the four random-checkpoint servers most files share (ar, linearspec,
-    fastdiffuser, quadratic) stay up while a file's own variants come and go; with four alive
-    they were evicted between files (45 starts of 29 configurations, 16 of them restarts at
-    ~21 s each). Fixtures call `get` per test, so an evicted server is started again if needed;
-    every start is recorded (`starts`, printed at the end of the run)."""
+    ~5% of a core). Four, because most test files cycle through ar / linearspec / fastdiffuser
+    on one checkpoint plus one variant: with two alive every third test restarted a server
+    (~35 s each; 37 starts in a full run). Seven was tried: 42 starts instead of 45 but each
+    start slower (24 s against 21 s to ready) and no faster run. Fixtures call `get` per test,
+    so an evicted server is started again if needed; every start is recorded (`starts`,
+    printed at the end of the run)."""
 
-    def __init__(self, log_dir, max_alive: int = 7):
+    def __init__(self, log_dir, max_alive: int = 4):
         self.log_dir = log_dir
         self.max_alive = max_alive
         self.servers = {}
