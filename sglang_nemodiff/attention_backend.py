@@ -112,7 +112,6 @@ class NemodiffAttnBackend(TorchNativeAttnBackend):
     def __init__(self, model_runner: ModelRunner):
         super().__init__(model_runner)
         self.use_triton = self.device_is_cuda(model_runner) or triton_interpreting()
-        self.attention = structured_attention if self.use_triton else structured_attention_reference
         self.extend_metadata: Optional[_ExtendMetadata] = None
         self._pass_tensors: dict = {}  # eager kinds' (mask kinds, quadratic) tensors, made once
         logger.info("nemodiff attention backend: extend passes run %s",

@@ -399,8 +399,9 @@ class NemotronLabsDiffusionModel(nn.Module):
             # Per-slot logits whatever the draft convention (config.py: shift_logits): the
             # algorithms read row j as the prediction for block slot j.
             full = out.full_logits.view(bs, -1, out.full_logits.shape[-1])
-            shifted = torch.where(shift, slot_logits(full, True), full) if isinstance(
-                shift, torch.Tensor) else (slot_logits(full, True) if shift else full)
+            shifted = slot_logits(full, True)
+            if isinstance(shift, torch.Tensor):  # graph-safe: the pass data decides
+                shifted = torch.where(shift, shifted, full)
             out.full_logits = shifted.reshape(out.full_logits.shape)
         return out
 
