@@ -191,8 +191,9 @@ class Choice:
     block_size: int
     batch_size: int
     reason: str  # "policy" | "sweep" | "explore" | "fixed" | "cycle"
-    rates: tuple = ()  # (B, expected tokens/s) per candidate
+    rates: tuple = ()  # (candidate, expected tokens/s) per candidate
     overhead_ms: Optional[float] = None  # the round overhead the rates assumed
+    groups: Optional[int] = None  # a sparse quadratic round's groups (quadratic_policy.py)
 
 
 @dataclass
@@ -201,16 +202,22 @@ class _Round:
 
     started: float
     requests: frozenset
-    block_size: int
+    key: object  # the candidate the round ran (B here; (b, groups) for quadratic rounds)
     forward_seconds: float = 0.0
     other_work: bool = False  # a prefill step ran before the next round (not a round's overhead)
 
 
 class BlockSizePolicy:
+    """The choice among LinearSpec's B's. A candidate (`sizes`) is a key the cost model reads
+    through `query_tokens`, `passes` and `request_tokens`, so another mode's rounds
+    (quadratic_policy.py) reuse the tables, the sweep, the exploration and the statistics."""
+
+    AR_KEY = 1  # the candidate that is AR steps
+
     def __init__(self, max_block: int, sizes: Sequence[int], ar_steps: int = 1):
         self.max_block = max_block
         self.ar_steps = max(1, min(ar_steps, max_block))  # AR steps of a B = 1 round
-        self.sizes = tuple(b for b in sizes if b <= max_block) or (max_block,)
+        self.sizes = self.candidates(max_block, sizes)
         self.cost = CostTable()
         self.overhead = CostTable()  # keyed by batch size: seconds per round outside forwards
         self.period = {}  # B -> CostTable keyed by batch size: seconds per round per request
@@ -220,13 +227,36 @@ class BlockSizePolicy:
         self.rounds = 0
         self.current: Optional[_Round] = None
 
-    def passes(self, block_size: int) -> int:
-        """Forwards of a round: a B = 1 round's AR steps, or a draft and a verify pass."""
-        return self.ar_steps if block_size == 1 else 2
+    @staticmethod
+    def candidates(max_block: int, sizes: Sequence[int]) -> tuple:
+        return tuple(b for b in sizes if b <= max_block) or (max_block,)
 
-    def tokens(self, block_size: int) -> float:
+    def passes(self, key) -> int:
+        """Forwards of a round: a B = 1 round's AR steps, or a draft and a verify pass."""
+        return self.ar_steps if key == self.AR_KEY else 2
+
+    def query_tokens(self, key) -> int:
+        """Query tokens per request of one of the round's forwards."""
+        return key
+
+    def split(self, key) -> tuple:
+        """(block size, sparse groups or None) of a candidate."""
+        return key, None
+
+    def key_of(self, block_size: int, groups: Optional[int] = None):
+        """The candidate a round of this shape ran."""
+        return block_size
+
+    def request_tokens(self, key, sums: Sequence[float], budget: int) -> float:
+        """Expected tokens a round commits for a request that may generate `budget` more, with
+        `sums` the prefix sums of its P(accepted >= k)."""
+        if key == self.AR_KEY:
+            return float(min(self.ar_steps, budget))
+        return sums[min(key, budget, len(sums) - 1)]
+
+    def tokens(self, key) -> float:
         """Expected tokens a round commits per request (no budgets, the server's acceptance)."""
-        return float(self.ar_steps) if block_size == 1 else self.acceptance.expected_tokens(block_size)
+        return self.request_tokens(key, _prefix_sums(self.acceptance.at_least()), 1 << 30)
 
     def batch_tokens(self, budgets: Optional[Sequence[int]] = None,
                      request_ids: Optional[Sequence] = None) -> dict:
@@ -245,7 +275,7 @@ class BlockSizePolicy:
                 own.at_least(own.rates(server_rates, REQUEST_WEIGHT)))
             r = max(1, r)
             for b in self.sizes:
-                totals[b] += float(min(self.ar_steps, r)) if b == 1 else sums[min(b, r)]
+                totals[b] += self.request_tokens(b, sums, r)
         return {b: t / len(budgets) for b, t in totals.items()}
 
     def overhead_s(self, batch_size: int) -> float:
@@ -266,7 +296,7 @@ class BlockSizePolicy:
         out, overhead = [], self.model_overhead_s(batch_size)
         tokens = self.batch_tokens(budgets, request_ids)
         for b in self.sizes:
-            seconds = self.passes(b) * self.cost.cost(batch_size * b) + overhead
+            seconds = self.passes(b) * self.cost.cost(batch_size * self.query_tokens(b)) + overhead
             period = self.period.get(b)
             if period is not None and period.known(batch_size, PERIOD_TIMINGS):
                 seconds = batch_size * period.cost(batch_size)
@@ -277,9 +307,11 @@ class BlockSizePolicy:
                request_ids: Optional[Sequence] = None) -> Choice:
         self.rounds += 1
         batch_size = max(batch_size, 1)
+        limit = self.cost.bucket(max(self.query_tokens(b) for b in self.sizes))
         for b in sorted(self.sizes, reverse=True):  # start-up sweep: time every B once
-            if not self.cost.known(batch_size * b) and self.cost.bucket(batch_size * b) <= self.cost.bucket(self.max_block):
-                return Choice(b, batch_size, "sweep")
+            n = batch_size * self.query_tokens(b)
+            if not self.cost.known(n) and self.cost.bucket(n) <= limit:
+                return self._choice(b, batch_size, "sweep")
         rates = self.rates(batch_size, budgets, request_ids)
         best = max(rates, key=lambda r: r[1])[0]
         reason = "policy"
@@ -293,7 +325,7 @@ class BlockSizePolicy:
             best_rate = max(r for _, r in rates)
             others = sorted((b for b, r in rates if b != best and r >= EXPLORE_FLOOR * best_rate),
                             reverse=True)
-            if not others and best == 1:
+            if not others and best == self.AR_KEY:
                 # Every block rated far below AR steps, which observe no drafts: without a
                 # block now and then the acceptance would never be measured again (a fresh
                 # server whose warm-up request rejected every draft stayed at B = 1 for ~200
@@ -302,15 +334,20 @@ class BlockSizePolicy:
             if others:
                 best = others[(self.rounds // EXPLORE_EVERY - 1) % len(others)]
                 reason = "explore"
-        return Choice(best, batch_size, reason, tuple((b, round(r, 1)) for b, r in rates),
-                      round(1e3 * self.model_overhead_s(batch_size), 2))
+        return self._choice(best, batch_size, reason, tuple((b, round(r, 1)) for b, r in rates),
+                            round(1e3 * self.model_overhead_s(batch_size), 2))
+
+    def _choice(self, key, batch_size: int, reason: str, rates: tuple = (),
+                overhead_ms: Optional[float] = None) -> Choice:
+        block_size, groups = self.split(key)
+        return Choice(block_size, batch_size, reason, rates, overhead_ms, groups)
 
     def observe_forward(self, query_tokens: int, seconds: float) -> None:
         self.cost.observe(query_tokens, seconds)
         if self.current is not None:
             self.current.forward_seconds += seconds
 
-    def start_round(self, requests: frozenset, block_size: int, now: Optional[float] = None) -> None:
+    def start_round(self, requests: frozenset, key, now: Optional[float] = None) -> None:
         """A block round begins. If it continues requests of the previous round with no prefill
         step in between, the time since that round began was that round's period, and less its
         forwards its overhead. (Other gaps hold idle time or another request's prefill.)"""
@@ -322,9 +359,9 @@ class BlockSizePolicy:
             if 0.0 <= overhead <= 4 * last.forward_seconds + 0.05:  # not a stall of the process
                 bs = len(last.requests)
                 self.overhead.observe(bs, overhead)
-                self.overhead_by_block.setdefault(last.block_size, CostTable()).observe(bs, overhead)
-                self.period.setdefault(last.block_size, CostTable()).observe(bs, period / bs)
-        self.current = _Round(now, requests, block_size)
+                self.overhead_by_block.setdefault(last.key, CostTable()).observe(bs, overhead)
+                self.period.setdefault(last.key, CostTable()).observe(bs, period / bs)
+        self.current = _Round(now, requests, key)
 
     def other_work(self) -> None:
         """A prefill step ran: the gap to the next round is not a round's overhead."""
@@ -342,10 +379,19 @@ class BlockSizePolicy:
 
     def observe_round(self, block_size: int, accepted: Sequence[int],
                       request_ids: Optional[Sequence] = None) -> None:
+        """`accepted`: per request, drafts accepted (None: the request had no drafts this round,
+        e.g. a quadratic round after a sparse round that drafted none: nothing observed)."""
         if block_size <= 1:
             return
+        if request_ids is not None and len(request_ids) == len(accepted):
+            pairs = [(rid, a) for rid, a in zip(request_ids, accepted) if a is not None]
+            request_ids, accepted = [rid for rid, _ in pairs], [a for _, a in pairs]
+        else:
+            accepted, request_ids = [a for a in accepted if a is not None], None
+        if not accepted:
+            return
         self.acceptance.observe(block_size, accepted)
-        if request_ids is None or len(request_ids) != len(accepted):
+        if request_ids is None:
             return
         if len(self.requests) > MAX_TRACKED:  # finished requests: keep only this round's
             keep = set(request_ids)
@@ -367,20 +413,31 @@ def _prefix_sums(values: Sequence[float]) -> list:
 
 
 class RoundBlockSize:
-    """The scheduler-side state: the block size of the round being formed, chosen from the
-    settings (fixed, cycle or policy). (Room to the context end needs no cap: a request finishes
-    once a block of the largest size would not fit, as in stock SGLang.)"""
+    """The scheduler-side state: the shape of the round being formed, chosen from the settings
+    (fixed, cycle or policy). (Room to the context end needs no cap: a request finishes once a
+    round of the largest shape would not fit, as in stock SGLang.)
+
+    `quadratic`: the quadratic mode's layout (patches/dllm_config.py): the fixed round's under a
+    fixed block_size, the largest candidate's under `auto`, whose policy then chooses among AR
+    steps and quadratic (b, groups) rounds (quadratic_policy.py)."""
 
     def __init__(self, settings, max_block: int, mode: str, quadratic=None):
+        from sglang_nemodiff.quadratic_policy import QuadraticPolicy
         from sglang_nemodiff.settings import BLOCK_SIZES
 
         self.max_block = max_block
-        self.quadratic = quadratic  # the quadratic rounds' layout (fixed b), quadratic_layout.py
-        self.fixed = max_block if (mode != "linearspec" or settings.block_size != "auto") else None
+        self.quadratic = quadratic
+        auto = settings.block_size == "auto" and mode in ("linearspec", "quadratic")
+        self.fixed = None if auto else max_block
         self.cycle = tuple(settings.block_size_cycle) if settings.block_size_cycle else None
-        self.policy = BlockSizePolicy(max_block, BLOCK_SIZES, settings.ar_steps)
-        # Slots a B = 1 round places: its AR steps (algorithms/ar_steps.py; LinearSpec only).
-        self.ar_slots = self.policy.ar_steps if mode == "linearspec" else 1
+        if mode == "quadratic":
+            self.policy = QuadraticPolicy(max_block, BLOCK_SIZES, settings.ar_steps,
+                                          shifted=bool(quadratic is not None and quadratic.shifted))
+        else:
+            self.policy = BlockSizePolicy(max_block, BLOCK_SIZES, settings.ar_steps)
+        # Slots a B = 1 round places: its AR steps (algorithms/ar_steps.py; the modes that take
+        # them: LinearSpec, quadratic under auto).
+        self.ar_slots = self.policy.ar_steps if mode in ("linearspec", "quadratic") else 1
         self.cycle_index = 0
         self.last_choice: Optional[Choice] = None
         self.last_log = 0.0
@@ -391,16 +448,27 @@ class RoundBlockSize:
         """Whether the policy chooses B (then it learns from every round's record)."""
         return self.fixed is None and self.cycle is None
 
-    def slots(self, block_size: int) -> int:
-        """Block slots a round of this block size places."""
-        if self.quadratic is not None:
-            return self.quadratic.tokens
+    def layout(self, block_size: int, groups: Optional[int] = None):
+        """A quadratic round's layout (None: a LinearSpec/FastDiffuser block or AR steps)."""
+        if self.quadratic is None or block_size == 1:
+            return None
+        if self.fixed is not None:
+            return self.quadratic
+        from sglang_nemodiff.quadratic_layout import QuadraticLayout
+
+        return QuadraticLayout.for_checkpoint(block_size, self.quadratic.shifted, groups)
+
+    def slots(self, block_size: int, groups: Optional[int] = None) -> int:
+        """Block slots a round of this shape places."""
+        layout = self.layout(block_size, groups)
+        if layout is not None:
+            return layout.tokens
         return self.ar_slots if block_size == 1 else block_size
 
-    def plan(self, block_size: int) -> RoundPlan:
-        """The plan of a round of this block size (the one begin_round chose, or rank 0's)."""
-        return RoundPlan(block_size=block_size, slots=self.slots(block_size), timed=self.timed,
-                         layout=self.quadratic)
+    def plan(self, block_size: int, groups: Optional[int] = None) -> RoundPlan:
+        """The plan of a round of this shape (the one begin_round chose, or rank 0's)."""
+        return RoundPlan(block_size=block_size, slots=self.slots(block_size, groups),
+                         timed=self.timed, layout=self.layout(block_size, groups))
 
     def observe(self, record: RoundRecord) -> None:
         """What a finished batch tells the policy (once per batch, scheduler side): a prefill
@@ -410,7 +478,8 @@ class RoundBlockSize:
         if record.prefill:
             policy.other_work()
             return
-        policy.start_round(frozenset(record.request_ids), record.block_size, now=record.started)
+        policy.start_round(frozenset(record.request_ids), policy.key_of(record.block_size, record.groups),
+                           now=record.started)
         for query_tokens, seconds in record.forward_times:
             policy.observe_forward(query_tokens, seconds)
         if record.block_size == 1:
@@ -419,28 +488,32 @@ class RoundBlockSize:
             policy.observe_round(record.block_size, record.accepted, record.request_ids)
 
     def begin_round(self, batch_size: int, budgets: Optional[Sequence[int]] = None,
-                    request_ids: Optional[Sequence] = None) -> int:
-        """The block size of the round being formed for `batch_size` requests (`budgets`: the
+                    request_ids: Optional[Sequence] = None) -> Choice:
+        """The shape of the round being formed for `batch_size` requests (`budgets`: the
         tokens each may still generate, `request_ids` their ids, when known)."""
         if self.cycle is not None:
             b = min(self.cycle[self.cycle_index % len(self.cycle)], self.max_block)
             self.cycle_index += 1
             choice = Choice(b, batch_size, "cycle")
         elif self.fixed is not None:
-            choice = Choice(self.fixed, batch_size, "fixed")
+            groups = self.quadratic.groups if self.quadratic is not None else None
+            choice = Choice(self.fixed, batch_size, "fixed", groups=groups)
         else:
             choice = self.policy.choose(batch_size, budgets, request_ids)
         self.last_choice = choice
-        # Logged: the sweep, a policy choice that changes B, and one every 10 s (not explorations).
-        changed = choice.reason == "policy" and choice.block_size != self.last_logged
+        # Logged: the sweep, a policy choice that changes the shape, and one every 10 s (not
+        # explorations).
+        shape = (choice.block_size, choice.groups)
+        changed = choice.reason == "policy" and shape != self.last_logged
         if choice.reason == "sweep" or changed or (
                 choice.reason == "policy" and time.monotonic() - self.last_log >= 10.0):
             self.last_log = time.monotonic()
-            self.last_logged = choice.block_size if choice.reason == "policy" else self.last_logged
-            logger.info("[nemodiff] block size %d for batch %d (%s)%s", choice.block_size, batch_size,
-                        choice.reason, f"; expected tok/s by B: {dict(choice.rates)}, round overhead "
-                        f"{choice.overhead_ms} ms" if choice.rates else "")
-        return choice.block_size
+            self.last_logged = shape if choice.reason == "policy" else self.last_logged
+            groups = f" ({choice.groups} group{'s' if choice.groups > 1 else ''})" if choice.groups else ""
+            logger.info("[nemodiff] block size %d%s for batch %d (%s)%s", choice.block_size, groups,
+                        batch_size, choice.reason, f"; expected tok/s by candidate: {dict(choice.rates)}, "
+                        f"round overhead {choice.overhead_ms} ms" if choice.rates else "")
+        return choice
 
 
 def round_planner(manager, dllm_config) -> RoundBlockSize:

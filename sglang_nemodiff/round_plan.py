@@ -46,7 +46,9 @@ class RoundRecord:
     request_ids: tuple  # in row order
     block_size: int = 0  # B (1: AR steps); 0 for a prefill batch
     forward_times: tuple = ()  # (query tokens, seconds) per timed forward
-    accepted: Optional[tuple] = None  # drafts accepted per request (drafted rounds)
+    accepted: Optional[tuple] = None  # drafts accepted per request (drafted rounds; None for a
+    # request without drafts this round, in a quadratic round)
+    groups: Optional[int] = None  # a sparse quadratic round's groups (None: dense, or not quadratic)
 
     @property
     def prefill(self) -> bool:

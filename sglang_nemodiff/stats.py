@@ -48,6 +48,7 @@ class RoundResult:
     block_size: Optional[int] = None  # block rounds: the block size used (1: AR steps)
     logprobs: Optional[TokenLogprobs] = None
     steps: int = 1  # blocks of block_size the round counts as (a B = 1 round: its AR steps)
+    groups: Optional[int] = None  # quadratic rounds: groups drafted (the block size when dense)
     # Quadratic: the drafts this round made for the request's next block (its next round's d_1..).
     next_drafts: Optional[tuple] = field(default=None, compare=False, repr=False)
     # The round as the block policy sees it (round_plan.py), one object shared by the round's
@@ -78,6 +79,7 @@ class RequestStats:
     drafted: bool = False
     block_sizes: dict = field(default_factory=dict)  # block size -> blocks
     passes: dict = field(default_factory=dict)  # pass kind -> forwards
+    groups: dict = field(default_factory=dict)  # quadratic rounds: groups drafted -> rounds
 
     def add(self, result: RoundResult) -> None:
         self.forwards += result.forwards
@@ -87,6 +89,8 @@ class RequestStats:
         if result.is_block:
             self.blocks += result.steps
             self.block_sizes[result.block_size] = self.block_sizes.get(result.block_size, 0) + result.steps
+        if result.groups is not None:
+            self.groups[result.groups] = self.groups.get(result.groups, 0) + 1
         if result.accepted is not None:
             self.accepted += result.accepted
             self.drafted = True
@@ -100,6 +104,8 @@ class RequestStats:
             "nemodiff_blocks": self.blocks,
             "nemodiff_blocks_per_size": {str(b): n for b, n in sorted(self.block_sizes.items())},
         }
+        if self.groups:
+            values["nemodiff_quadratic_groups"] = {str(k): n for k, n in sorted(self.groups.items())}
         if self.drafted:
             # Tokens committed per block: accepted drafts plus the bonus token.
             values["nemodiff_accept_length"] = round(self.accepted / max(self.blocks, 1) + 1, 4)
@@ -157,7 +163,7 @@ class IntervalStats:
             msg += (f", last block size: {last_choice.block_size} ({last_choice.reason}, "
                     f"batch {last_choice.batch_size})")
             if last_choice.rates:
-                msg += f", expected tok/s by B: {dict(last_choice.rates)}"
+                msg += f", expected tok/s by candidate: {dict(last_choice.rates)}"
         return msg
 
     def maybe_log(self, last_choice=None) -> None:

@@ -22,6 +22,8 @@ CPU_ARGS = (*SERVER_CPU_ARGS, "--skip-server-warmup", "--sleep-on-idle")
 # --algorithm-config (the default, `block_size: auto`, changes B between rounds: same tokens,
 # other forward counts).
 BLOCK32 = ("--algorithm-config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "block32.yaml"))
+# Quadratic rounds of b = 16 (the oracle's), not `auto`'s per-batch choice (tests of auto name it).
+BLOCK16 = ("--algorithm-config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "block16.yaml"))
 DENOISE_LORA = ("--algorithm-config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "denoise_lora.yaml"))
 # A request's leaked KV slot turns into a hard error when the server is idle.
 SERVER_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -91,13 +93,13 @@ class ServerPool:
     printed at the end of the run): starting servers is the suite's largest cost.
 
     Resident: the plain servers of the tiny random checkpoint (ar, linearspec at B = 32,
-    fastdiffuser, quadratic), which test files from a to z come back to; once started they stay.
+    fastdiffuser, quadratic at b = 16), which test files from a to z come back to; once started they stay.
     Of the others (variants one file or two use) at most `max_others` run at once, least
     recently used stopping first: each costs ~1 GB, and idle ones sleep (--sleep-on-idle, ~5%
     of a core). With one LRU of four for all, the plain four were restarted 14 times in a run
     (~25 s each) as the variants pushed them out."""
 
-    RESIDENT = {("ar", ()), ("linearspec", BLOCK32), ("fastdiffuser", ()), ("quadratic", ())}
+    RESIDENT = {("ar", ()), ("linearspec", BLOCK32), ("fastdiffuser", ()), ("quadratic", BLOCK16)}
 
     def __init__(self, log_dir, max_others: int = 3):
         self.log_dir = log_dir
@@ -115,8 +117,8 @@ class ServerPool:
         from sglang_nemodiff.servers import ManagedServer
 
         env = env or {}
-        if algorithm == "linearspec" and not any(a.startswith("--algorithm-config") for a in extra):
-            extra = (*extra, *BLOCK32)
+        if not any(a.startswith("--algorithm-config") for a in extra):
+            extra = (*extra, *{"linearspec": BLOCK32, "quadratic": BLOCK16}.get(algorithm, ()))
         key = (model_path, algorithm, extra, tuple(sorted(env.items())))
         if key in self.servers and self.servers[key].proc.poll() is not None:
             # Gone: an in-process sgl.Engine's shutdown kills every child of this process.

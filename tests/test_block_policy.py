@@ -146,10 +146,10 @@ def test_start_up_sweep_then_policy_then_exploration():
 
 def test_round_state_fixed_cycle_and_modes():
     auto = AlgorithmSettings()
-    assert RoundBlockSize(auto, 32, "fastdiffuser").begin_round(4) == 32  # FastDiffuser: fixed
-    assert RoundBlockSize(AlgorithmSettings(block_size=16), 16, "linearspec").begin_round(4) == 16
+    assert RoundBlockSize(auto, 32, "fastdiffuser").begin_round(4).block_size == 32  # FastDiffuser: fixed
+    assert RoundBlockSize(AlgorithmSettings(block_size=16), 16, "linearspec").begin_round(4).block_size == 16
     cycled = RoundBlockSize(AlgorithmSettings(block_size_cycle=(32, 1, 4)), 32, "linearspec")
-    assert [cycled.begin_round(2) for _ in range(4)] == [32, 1, 4, 32]
+    assert [cycled.begin_round(2).block_size for _ in range(4)] == [32, 1, 4, 32]
 
 
 def test_round_plans_are_decided_once_and_timed_only_under_auto():
@@ -161,7 +161,7 @@ def test_round_plans_are_decided_once_and_timed_only_under_auto():
     for fixed in (RoundBlockSize(AlgorithmSettings(block_size=16), 16, "linearspec"),
                   RoundBlockSize(AlgorithmSettings(), 32, "fastdiffuser"),
                   RoundBlockSize(AlgorithmSettings(block_size_cycle=(32, 1)), 32, "linearspec")):
-        assert not fixed.timed and not fixed.plan(fixed.begin_round(2)).timed
+        assert not fixed.timed and not fixed.plan(fixed.begin_round(2).block_size).timed
 
 
 def test_round_records_feed_the_policy_as_direct_calls_do():

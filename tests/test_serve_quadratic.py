@@ -206,3 +206,32 @@ def test_sparse_quadratic_equals_ar_and_the_oracle(server_pool, model):
     dense = [quadratic_generate(reference, ids, MAX_NEW, eos_id=EOS, block_size=16).forwards
              for ids in prompts]
     print("sparse (2 groups) vs dense forwards:", [o.forwards for o in oracle], dense)
+
+
+def test_auto_changes_the_round_shape_and_equals_ar(server_pool, model, tmp_path_factory):
+    """`block_size: auto` (the default YAML): the policy runs each batch as AR steps or a
+    quadratic round of its choice of (b, groups) (quadratic_policy.py). A fresh server's
+    start-up sweep runs every shape it times, and then the policy's choices follow: the output
+    stays AR's through every change of shape, one request and 8 at once."""
+    path, reference, _, prompts = model
+    config = tmp_path_factory.mktemp("quadratic-auto") / "auto.yaml"
+    config.write_text("block_size: auto\n")
+    server = server_pool.get(path, "quadratic", "--algorithm-config", str(config))
+    expected = [ar_generate(reference, ids, MAX_NEW, eos_id=EOS).tokens for ids in prompts]
+    responses = [generate(server, ids, MAX_NEW) for ids in prompts[:3]]
+    responses += generate_many(server, prompts + prompts[:1], MAX_NEW)
+    assert [r["output_ids"] for r in responses] == expected[:3] + expected + expected[:1]
+    sizes, groups = {}, {}
+    for r in responses:
+        for b, n in meta(r, "nemodiff_blocks_per_size").items():
+            sizes[int(b)] = sizes.get(int(b), 0) + n
+        for k, n in (meta(r, "nemodiff_quadratic_groups") or {}).items():
+            groups[int(k)] = groups.get(int(k), 0) + n
+    print(f"quadratic auto: blocks per size {dict(sorted(sizes.items()))}, rounds per groups "
+          f"{dict(sorted(groups.items()))}")
+    assert len(sizes) >= 3 and len(groups) >= 3  # shapes changed between rounds
+    with open(server.log_path) as f:
+        log = f.read()
+    assert "(sweep)" in log and "expected tok/s by candidate" in log
+    time.sleep(3)  # idle: the strict KV check runs
+    assert requests.get(server.url + "/health_generate", timeout=60).status_code == 200

@@ -239,8 +239,8 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         plan = getattr(reqs[0], "nemodiff_plan", None) if reqs and len(reqs) == bs else None
         return plan if plan is not None else RoundPlan.fixed(block_size)
 
-    def _round_record(self, started: float, block_size: int,
-                      accepted: Optional[tuple]) -> Optional[RoundRecord]:
+    def _round_record(self, started: float, block_size: int, accepted: Optional[tuple],
+                      groups: Optional[int] = None) -> Optional[RoundRecord]:
         """End of a round: its forward timings (read now: timing.py reads CUDA events once per
         round) and acceptance, for the block policy, if the plan asked for them."""
         if self._forward_times is None:
@@ -249,7 +249,8 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         self.timer.flush(lambda n, s: times.append((n, s)))
         self._forward_times = None
         return RoundRecord(started=started, request_ids=tuple(r.rid for r in self.round_reqs),
-                           block_size=block_size, forward_times=tuple(times), accepted=accepted)
+                           block_size=block_size, groups=groups, forward_times=tuple(times),
+                           accepted=accepted)
 
     def _ar_round(self, model_runner, forward_batch, block, sampling: BatchSampling,
                   started: float) -> DllmRunOutput:

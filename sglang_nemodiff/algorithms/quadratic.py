@@ -33,7 +33,9 @@ class NemodiffQuadratic(NemodiffLinearSpec):
     # rows bidirectionally (not AR). SGLang moves a server asked for another one to `nemodiff`.
     supported_attention_backends = ("torch_native", "nemodiff")
     required_attention_backend = "nemodiff"
-    takes_ar_steps = False
+    # Under `block_size: auto` the policy may run a batch as AR steps (quadratic_policy.py);
+    # the quadratic round after them starts without drafts.
+    takes_ar_steps = True
     fill_pass = commit_pass = "quadratic"
 
     def _block_round(self, model_runner, forward_batch, plan, sampling, started):
@@ -59,10 +61,14 @@ class NemodiffQuadratic(NemodiffLinearSpec):
         drafted = (keep <= k).tolist()
         drafts = [row[:L - 1] if ok else [] for row, ok in zip(drafts.tolist(), drafted)]
         keep_list, accepted_list = keep.tolist(), accepted.tolist()
-        record = self._round_record(started, L, tuple(accepted_list))
+        # A request without drafts this round (its first, or after a sparse round drafted none,
+        # or AR steps) observes no acceptance: its rejected mask ids say nothing of the drafts.
+        had_drafts = (block[:, 1] != self.mask_id).tolist() if L > 1 else [False] * bs
+        record = self._round_record(started, L, tuple(a if d else None for a, d in zip(accepted_list, had_drafts)),
+                                    groups=layout.groups if layout.groups is not None and layout.groups < L else None)
         tokens, logprobs = self._emitted(block, keep, bonus, sampling, lambda: fill.verify_logits)
         results = [RoundResult(passes=(("quadratic", 1),), tokens=keep_list[i], keep=keep_list[i],
                                accepted=accepted_list[i], block_size=L, logprobs=logprobs[i],
-                               record=record, next_drafts=tuple(drafts[i]))
+                               record=record, next_drafts=tuple(drafts[i]), groups=k)
                    for i in range(bs)]
         return out.logits_output, tokens, None, results, out.can_run_graph

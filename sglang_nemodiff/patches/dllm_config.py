@@ -1,15 +1,16 @@
 """`DllmConfig.from_server_args` knows block size and mask id only for a hard-coded table of
 models; for the plugin's algorithms they come from the NLD checkpoint and the algorithm YAML.
 
-The quadratic mode's round shape is decided here too, once: its block b (the YAML's block_size,
-or NLD's default 16 within the checkpoint's) and the group of masks after each block token,
-which depends on the checkpoint's draft convention (quadratic_layout.py). The config carries
-the layout (`NemodiffDllmConfig.quadratic`) to the planner, and the tokens a round places
-(`round_slots`) to the scheduler's budgets."""
+The quadratic mode's round shape is decided here too, once: its block b (a number in the YAML's
+block_size; under `auto` the largest b the policy may choose, NLD's 16 within the checkpoint's)
+and the group of masks after each block token, which depends on the checkpoint's draft
+convention (quadratic_layout.py). The config carries the layout (`NemodiffDllmConfig.quadratic`:
+the fixed round's, or under `auto` the largest candidate's) to the planner, and the tokens a
+round places at most (`round_slots`) to the scheduler's budgets."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 from sglang.srt.dllm.config import DllmConfig
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
@@ -71,9 +72,13 @@ def from_server_args(original, server_args):
     if mode_of(cfg.dllm_algorithm) == "quadratic":
         if settings.block_size_cycle is not None:
             raise ValueError(f"{source}: block_size_cycle is not supported by --algorithm quadratic")
-        if settings.block_size == "auto":  # the policy does not choose quadratic rounds (yet)
-            settings = replace(settings, block_size=min(QUADRATIC_DEFAULT_BLOCK, checkpoint_block))
-        block_size = max_block_size(settings, checkpoint_block, source)
+        if settings.block_size == "auto":  # the policy chooses b <= 16 and the groups per batch
+            if settings.quadratic_groups is not None:
+                raise ValueError(f"{source}: quadratic_groups fixes the groups of a fixed "
+                                 "block_size; under block_size: auto the policy chooses them")
+            block_size = min(QUADRATIC_DEFAULT_BLOCK, checkpoint_block)
+        else:
+            block_size = max_block_size(settings, checkpoint_block, source)
         shift = bool(getattr(hf_config, "shift_logits", False))
         quadratic = QuadraticLayout.for_checkpoint(block_size, shift, settings.quadratic_groups)
     else:

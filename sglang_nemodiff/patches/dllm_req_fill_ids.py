@@ -61,9 +61,8 @@ def _decide(dllm_config):
     # The decode batch this step forms: every queued request that has its first token.
     decoding = [r for r in queued if r.output_ids][:dllm_config.max_running_requests]
     batch = max(len(decoding), 1)
-    block_size = _broadcast(planner.begin_round(batch, [_budget(r) for r in decoding],
-                                                [r.rid for r in decoding]))
-    return planner.plan(block_size)
+    choice = planner.begin_round(batch, [_budget(r) for r in decoding], [r.rid for r in decoding])
+    return planner.plan(*_broadcast(choice.block_size, choice.groups))
 
 
 def _budget(req) -> int:
@@ -72,22 +71,23 @@ def _budget(req) -> int:
     return (1 << 30) if limit is None else max(1, limit - len(req.output_ids))
 
 
-def _broadcast(block_size: int) -> int:
-    """Tensor-parallel ranks must run the same B: rank 0's choice wins."""
+def _broadcast(block_size: int, groups):
+    """Tensor-parallel ranks must run the same round shape: rank 0's choice wins.
+    Returns (block size, groups or None)."""
     try:
         from sglang.srt.distributed import get_tp_group
 
         group = get_tp_group()
     except Exception:  # no model-parallel group in this process
-        return block_size
+        return block_size, groups
     if group.world_size <= 1:
-        return block_size
+        return block_size, groups
     import torch
     import torch.distributed as dist
 
-    value = torch.tensor([block_size], dtype=torch.int64)
+    value = torch.tensor([block_size, groups or 0], dtype=torch.int64)
     dist.broadcast(value, src=group.ranks[0], group=group.cpu_group)
-    return int(value.item())
+    return int(value[0]), (int(value[1]) or None)
 
 
 def init_fill_ids_for_dllm(original, req):

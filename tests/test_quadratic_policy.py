@@ -1,0 +1,95 @@
+"""The quadratic mode's policy (`--algorithm quadratic`, `block_size: auto`): its candidates and
+their cost and yield, and its choices on synthetic cost tables and acceptance."""
+
+import pytest
+
+from sglang_nemodiff.block_policy import RoundBlockSize
+from sglang_nemodiff.quadratic_layout import QuadraticLayout
+from sglang_nemodiff.quadratic_policy import QuadraticPolicy
+from sglang_nemodiff.round_plan import RoundPlan, RoundRecord
+from sglang_nemodiff.settings import BLOCK_SIZES, AlgorithmSettings
+
+
+def test_candidates_shapes_and_keys():
+    p = QuadraticPolicy(16, BLOCK_SIZES, ar_steps=4)
+    assert p.sizes[0] == p.AR_KEY and (16, 16) in p.sizes and (16, 2) in p.sizes
+    assert all(b <= 16 and 1 <= k <= b for b, k in p.sizes[1:]) and (32, 1) not in p.sizes
+    assert p.query_tokens((16, 2)) == 16 + 2 * 16 and p.query_tokens((16, 16)) == 16 * 17
+    assert QuadraticPolicy(16, BLOCK_SIZES, shifted=True).query_tokens((16, 2)) == 16 + 2 * 15
+    assert p.query_tokens(p.AR_KEY) == 1 and p.passes(p.AR_KEY) == 4 and p.passes((8, 2)) == 1
+    for key in p.sizes:  # a round's record names the candidate it ran
+        assert p.key_of(*p.split(key)) == key
+    assert p.split((16, 16)) == (16, None) and p.split((8, 2)) == (8, 2)
+
+
+def test_expected_tokens_count_the_rounds_without_drafts():
+    p = QuadraticPolicy(16, BLOCK_SIZES)
+    every = [float(k) for k in range(17)]  # P(accepted >= k) = 1: every draft accepted
+    assert p.request_tokens((16, 16), every, 1 << 30) == 16  # dense: always drafted
+    # 2 groups: n = 16 > 2, so every other round has no drafts and commits one token
+    assert p.request_tokens((16, 2), every, 1 << 30) == pytest.approx((16 + 1) / 2)
+    none = [0.0] + [1.0] * 16  # P(accepted >= 1) = 0
+    assert p.request_tokens((16, 1), none, 1 << 30) == 1.0  # n = 1 <= 1 group: drafted again
+    assert p.request_tokens((16, 16), every, 5) == 5  # the budget caps it
+    assert p.request_tokens(p.AR_KEY, every, 2) == 1.0 * min(p.ar_steps, 2)
+
+
+def _fill(p, cost, overhead=0.0005, batch=1):
+    for key in p.sizes:
+        for _ in range(3):
+            p.observe_forward(batch * p.query_tokens(key), cost(batch * p.query_tokens(key)))
+    p.overhead.observe(batch, overhead)
+
+
+def test_choices_follow_cost_and_acceptance():
+    """Flat forward cost (a GPU at small batch) and drafts that are accepted: the widest,
+    densest round wins. A fixed cost plus one per token (this CPU): a sparse round with the
+    same acceptance, AR steps when no draft is ever accepted (negative control: the same cost
+    table, only the acceptance differs)."""
+    accepting = QuadraticPolicy(16, BLOCK_SIZES, ar_steps=4)
+    _fill(accepting, lambda n: 0.01)
+    for _ in range(200):
+        accepting.observe_round(16, [15, 12, 14])
+    choice = accepting.choose(1)
+    assert (choice.block_size, choice.groups) == (16, None), choice
+
+    per_token = lambda n: 0.005 + 0.0001 * n  # noqa: E731
+    sparse = QuadraticPolicy(16, BLOCK_SIZES, ar_steps=4)
+    _fill(sparse, per_token)
+    for _ in range(200):
+        sparse.observe_round(16, [15, 12, 14])
+    best = sparse.choose(1)
+    assert best.block_size > 1 and best.groups is not None, best
+
+    rejecting = QuadraticPolicy(16, BLOCK_SIZES, ar_steps=4)
+    _fill(rejecting, per_token)
+    for _ in range(200):
+        rejecting.observe_round(16, [0, 0, 0])
+    assert rejecting.choose(1).block_size == 1
+
+
+def test_rounds_without_drafts_observe_nothing():
+    p = QuadraticPolicy(16, BLOCK_SIZES)
+    before = p.acceptance.rates()
+    p.observe_round(16, [None, None], request_ids=["a", "b"])
+    assert p.acceptance.rates() == before and not p.requests
+    p.observe_round(16, [None, 3], request_ids=["a", "b"])
+    assert set(p.requests) == {"b"} and p.acceptance.reached[1] == 1
+
+
+def test_round_state_plans_quadratic_shapes():
+    layout = QuadraticLayout.for_checkpoint(16, False)
+    auto = RoundBlockSize(AlgorithmSettings(ar_steps=4), 16, "quadratic", layout)
+    assert auto.timed and isinstance(auto.policy, QuadraticPolicy)
+    assert auto.plan(1) == RoundPlan(block_size=1, slots=4, timed=True)  # AR steps
+    assert auto.plan(8, 2) == RoundPlan(8, 8 + 2 * 8, True, QuadraticLayout(8, 8, 2, False))
+    assert auto.plan(16).layout == layout and auto.plan(16).slots == 272
+    sparse = QuadraticLayout.for_checkpoint(16, False, 2)
+    fixed = RoundBlockSize(AlgorithmSettings(block_size=16, quadratic_groups=2), 16, "quadratic", sparse)
+    choice = fixed.begin_round(3)
+    assert not fixed.timed and (choice.block_size, choice.groups) == (16, 2)
+    assert fixed.plan(choice.block_size, choice.groups).layout == sparse
+    # A round's record reaches the right candidate's period table.
+    auto.observe(RoundRecord(0.0, ("a",), 16, ((48, 0.01),), (3,), groups=2))
+    auto.observe(RoundRecord(0.02, ("a",), 8, ((24, 0.01),), (None,), groups=2))
+    assert set(auto.policy.period) == {(16, 2)}
