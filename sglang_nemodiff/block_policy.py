@@ -193,7 +193,8 @@ class Choice:
     reason: str  # "policy" | "sweep" | "explore" | "fixed" | "cycle"
     rates: tuple = ()  # (candidate, expected tokens/s) per candidate
     overhead_ms: Optional[float] = None  # the round overhead the rates assumed
-    groups: Optional[int] = None  # a sparse quadratic round's groups (quadratic_policy.py)
+    groups: Optional[int] = None  # a quadratic round's groups (the block size when dense); None:
+    # AR steps or a LinearSpec/FastDiffuser block
 
 
 @dataclass
@@ -256,7 +257,21 @@ class BlockSizePolicy:
 
     def tokens(self, key) -> float:
         """Expected tokens a round commits per request (no budgets, the server's acceptance)."""
-        return self.request_tokens(key, _prefix_sums(self.acceptance.at_least()), 1 << 30)
+        return self.request_tokens(key, self.request_sums(None, self.server_sums()), 1 << 30)
+
+    def server_sums(self):
+        """(the server's per-draft rates, prefix sums of its P(accepted >= k))."""
+        rates = self.acceptance.rates()
+        return rates, _prefix_sums(self.acceptance.at_least(rates))
+
+    def request_sums(self, rid, server):
+        """A request's prefix sums of P(accepted >= k): its own blocks' rates shrunk towards the
+        server's (`server`: server_sums()), the server's for a request not seen yet."""
+        return _own_sums(self.requests.get(rid) if rid is not None else None, server)
+
+    def stats(self, groups: Optional[int] = None) -> tuple:
+        """(server acceptance, per-request acceptance) a drafted round of this kind feeds."""
+        return self.acceptance, self.requests
 
     def batch_tokens(self, budgets: Optional[Sequence[int]] = None,
                      request_ids: Optional[Sequence] = None) -> dict:
@@ -265,14 +280,11 @@ class BlockSizePolicy:
         (module docstring). Without budgets: the server's E[tokens | B]."""
         if not budgets:
             return {b: self.tokens(b) for b in self.sizes}
-        server_rates = self.acceptance.rates()
-        server_sums = _prefix_sums(self.acceptance.at_least(server_rates))
+        server = self.server_sums()
         ids = request_ids if request_ids is not None and len(request_ids) == len(budgets) else [None] * len(budgets)
         totals = dict.fromkeys(self.sizes, 0.0)
         for r, rid in zip(budgets, ids):
-            own = self.requests.get(rid) if rid is not None else None
-            sums = server_sums if own is None else _prefix_sums(
-                own.at_least(own.rates(server_rates, REQUEST_WEIGHT)))
+            sums = self.request_sums(rid, server)
             r = max(1, r)
             for b in self.sizes:
                 totals[b] += self.request_tokens(b, sums, r)
@@ -373,12 +385,17 @@ class BlockSizePolicy:
         so a request rated down to B = 1 by a few rejected blocks is offered blocks again (it
         would otherwise never be re-measured: AR steps observe no drafts)."""
         for rid in request_ids:
-            own = self.requests.get(rid)
-            if own is not None:
-                own.fade()
+            for requests in self.request_stats():
+                own = requests.get(rid)
+                if own is not None:
+                    own.fade()
+
+    def request_stats(self) -> tuple:
+        """Every per-request acceptance table (one per kind of drafted round)."""
+        return (self.requests,)
 
     def observe_round(self, block_size: int, accepted: Sequence[int],
-                      request_ids: Optional[Sequence] = None) -> None:
+                      request_ids: Optional[Sequence] = None, groups: Optional[int] = None) -> None:
         """`accepted`: per request, drafts accepted (None: the request had no drafts this round,
         e.g. a quadratic round after a sparse round that drafted none: nothing observed)."""
         if block_size <= 1:
@@ -390,17 +407,25 @@ class BlockSizePolicy:
             accepted, request_ids = [a for a in accepted if a is not None], None
         if not accepted:
             return
-        self.acceptance.observe(block_size, accepted)
+        server, requests = self.stats(groups)
+        server.observe(block_size, accepted)
         if request_ids is None:
             return
-        if len(self.requests) > MAX_TRACKED:  # finished requests: keep only this round's
+        if len(requests) > MAX_TRACKED:  # finished requests: keep only this round's
             keep = set(request_ids)
-            self.requests = {rid: a for rid, a in self.requests.items() if rid in keep}
+            for rid in [rid for rid in requests if rid not in keep]:
+                del requests[rid]
         for rid, a in zip(request_ids, accepted):
-            own = self.requests.get(rid)
+            own = requests.get(rid)
             if own is None:
-                own = self.requests[rid] = Acceptance(self.max_block, decay=REQUEST_DECAY)
+                own = requests[rid] = Acceptance(self.max_block, decay=REQUEST_DECAY)
             own.observe(block_size, [a])
+
+
+def _own_sums(own: Optional[Acceptance], server) -> list:
+    if own is None:
+        return server[1]
+    return _prefix_sums(own.at_least(own.rates(server[0], REQUEST_WEIGHT)))
 
 
 def _prefix_sums(values: Sequence[float]) -> list:
@@ -449,14 +474,16 @@ class RoundBlockSize:
         return self.fixed is None and self.cycle is None
 
     def layout(self, block_size: int, groups: Optional[int] = None):
-        """A quadratic round's layout (None: a LinearSpec/FastDiffuser block or AR steps)."""
-        if self.quadratic is None or block_size == 1:
+        """A quadratic round's layout: `groups` names one (dense: the block size); None: a
+        LinearSpec/FastDiffuser block or AR steps."""
+        if self.quadratic is None or groups is None or block_size == 1:
             return None
         if self.fixed is not None:
             return self.quadratic
         from sglang_nemodiff.quadratic_layout import QuadraticLayout
 
-        return QuadraticLayout.for_checkpoint(block_size, self.quadratic.shifted, groups)
+        return QuadraticLayout.for_checkpoint(block_size, self.quadratic.shifted,
+                                              groups if groups < block_size else None)
 
     def slots(self, block_size: int, groups: Optional[int] = None) -> int:
         """Block slots a round of this shape places."""
@@ -485,7 +512,7 @@ class RoundBlockSize:
         if record.block_size == 1:
             policy.observe_ar_round(record.request_ids)
         elif record.accepted is not None:
-            policy.observe_round(record.block_size, record.accepted, record.request_ids)
+            policy.observe_round(record.block_size, record.accepted, record.request_ids, record.groups)
 
     def begin_round(self, batch_size: int, budgets: Optional[Sequence[int]] = None,
                     request_ids: Optional[Sequence] = None) -> Choice:
@@ -496,7 +523,7 @@ class RoundBlockSize:
             self.cycle_index += 1
             choice = Choice(b, batch_size, "cycle")
         elif self.fixed is not None:
-            groups = self.quadratic.groups if self.quadratic is not None else None
+            groups = self.quadratic.n_groups if self.quadratic is not None else None
             choice = Choice(self.fixed, batch_size, "fixed", groups=groups)
         else:
             choice = self.policy.choose(batch_size, budgets, request_ids)
@@ -509,7 +536,8 @@ class RoundBlockSize:
                 choice.reason == "policy" and time.monotonic() - self.last_log >= 10.0):
             self.last_log = time.monotonic()
             self.last_logged = shape if choice.reason == "policy" else self.last_logged
-            groups = f" ({choice.groups} group{'s' if choice.groups > 1 else ''})" if choice.groups else ""
+            groups = "" if choice.groups is None else (
+                f" (quadratic, {choice.groups} group{'s' if choice.groups > 1 else ''})")
             logger.info("[nemodiff] block size %d%s for batch %d (%s)%s", choice.block_size, groups,
                         batch_size, choice.reason, f"; expected tok/s by candidate: {dict(choice.rates)}, "
                         f"round overhead {choice.overhead_ms} ms" if choice.rates else "")

@@ -48,7 +48,7 @@ class RoundRecord:
     forward_times: tuple = ()  # (query tokens, seconds) per timed forward
     accepted: Optional[tuple] = None  # drafts accepted per request (drafted rounds; None for a
     # request without drafts this round, in a quadratic round)
-    groups: Optional[int] = None  # a sparse quadratic round's groups (None: dense, or not quadratic)
+    groups: Optional[int] = None  # a quadratic round's groups (the block size when dense); None otherwise
 
     @property
     def prefill(self) -> bool:

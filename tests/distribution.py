@@ -64,3 +64,42 @@ def pair_test(pairs: dict, outputs) -> tuple[float, int]:
     outside = sum(1 for k in observed if k not in pairs)
     samples = torch.tensor([index[k] for k in observed])
     return chi_square_pvalue(samples, expected / expected.sum()), outside
+
+
+def triple_cells(reference, prompt, temperature, top_p, min_pair=0.005):
+    """AR's exact probabilities of the first three tokens, as cells fixed before sampling: every
+    (t1, t2, t3) whose (t1, t2) has probability >= min_pair, and one cell for all other pairs
+    (the third token's distribution is only needed after the likely pairs)."""
+    first = ar_step_probs(reference, prompt, temperature, top_p)
+    cells, other, support = {}, 0.0, set()
+    for t1 in (first > 0).nonzero().flatten().tolist():
+        second = ar_step_probs(reference, prompt + [t1], temperature, top_p)
+        for t2 in (second > 0).nonzero().flatten().tolist():
+            pair = float(first[t1] * second[t2])
+            support.add((t1, t2))
+            if pair < min_pair:
+                other += pair
+                continue
+            third = ar_step_probs(reference, prompt + [t1, t2], temperature, top_p)
+            for t3 in (third > 0).nonzero().flatten().tolist():
+                cells[(t1, t2, t3)] = pair * float(third[t3])
+    return cells, other, support
+
+
+def triple_pvalue(cells, outputs):
+    """(chi-square p-value, samples outside AR's support) of the outputs' first three tokens."""
+    cells, other, support = cells
+    keys = sorted(cells)
+    index = {k: i for i, k in enumerate(keys)}
+    expected = torch.tensor([cells[k] for k in keys] + [other])
+    likely = {k[:2] for k in keys}
+    samples, outside = [], 0
+    for ids in outputs:
+        t = tuple(ids[:3])
+        if t in index:
+            samples.append(index[t])
+        elif t[:2] in support and t[:2] not in likely:
+            samples.append(len(keys))  # a pair below min_pair
+        else:
+            outside += 1
+    return chi_square_pvalue(torch.tensor(samples), expected / expected.sum()), outside

@@ -12,26 +12,29 @@ from sglang_nemodiff.settings import BLOCK_SIZES, AlgorithmSettings
 
 def test_candidates_shapes_and_keys():
     p = QuadraticPolicy(16, BLOCK_SIZES, ar_steps=4)
-    assert p.sizes[0] == p.AR_KEY and (16, 16) in p.sizes and (16, 2) in p.sizes
-    assert all(b <= 16 and 1 <= k <= b for b, k in p.sizes[1:]) and (32, 1) not in p.sizes
+    assert p.sizes[0] == p.AR_KEY and (16, 16) in p.sizes and (16, 2) in p.sizes and (8, 0) in p.sizes
+    assert all(b <= 16 and 0 <= k <= b for b, k in p.sizes[1:]) and (32, 1) not in p.sizes
     assert p.query_tokens((16, 2)) == 16 + 2 * 16 and p.query_tokens((16, 16)) == 16 * 17
     assert QuadraticPolicy(16, BLOCK_SIZES, shifted=True).query_tokens((16, 2)) == 16 + 2 * 15
     assert p.query_tokens(p.AR_KEY) == 1 and p.passes(p.AR_KEY) == 4 and p.passes((8, 2)) == 1
+    assert p.query_tokens((8, 0)) == 8 and p.passes((8, 0)) == 2  # a LinearSpec round
     for key in p.sizes:  # a round's record names the candidate it ran
         assert p.key_of(*p.split(key)) == key
-    assert p.split((16, 16)) == (16, None) and p.split((8, 2)) == (8, 2)
+    assert p.split((16, 16)) == (16, 16) and p.split((8, 2)) == (8, 2) and p.split((8, 0)) == (8, None)
 
 
 def test_expected_tokens_count_the_rounds_without_drafts():
     p = QuadraticPolicy(16, BLOCK_SIZES)
     every = [float(k) for k in range(17)]  # P(accepted >= k) = 1: every draft accepted
-    assert p.request_tokens((16, 16), every, 1 << 30) == 16  # dense: always drafted
-    # 2 groups: n = 16 > 2, so every other round has no drafts and commits one token
-    assert p.request_tokens((16, 2), every, 1 << 30) == pytest.approx((16 + 1) / 2)
     none = [0.0] + [1.0] * 16  # P(accepted >= 1) = 0
-    assert p.request_tokens((16, 1), none, 1 << 30) == 1.0  # n = 1 <= 1 group: drafted again
-    assert p.request_tokens((16, 16), every, 5) == 5  # the budget caps it
-    assert p.request_tokens(p.AR_KEY, every, 2) == 1.0 * min(p.ar_steps, 2)
+    sums = {"quadratic": every, "linear": none}
+    assert p.request_tokens((16, 16), sums, 1 << 30) == 16  # dense: always drafted
+    # 2 groups: n = 16 > 2, so every other round has no drafts and commits one token
+    assert p.request_tokens((16, 2), sums, 1 << 30) == pytest.approx((16 + 1) / 2)
+    assert p.request_tokens((16, 0), sums, 1 << 30) == 1.0  # LinearSpec rounds: their own rates
+    assert p.request_tokens((16, 1), {"quadratic": none}, 1 << 30) == 1.0  # n = 1: drafted again
+    assert p.request_tokens((16, 16), sums, 5) == 5  # the budget caps it
+    assert p.request_tokens(p.AR_KEY, sums, 2) == 1.0 * min(p.ar_steps, 2)
 
 
 def _fill(p, cost, overhead=0.0005, batch=1):
@@ -49,32 +52,43 @@ def test_choices_follow_cost_and_acceptance():
     accepting = QuadraticPolicy(16, BLOCK_SIZES, ar_steps=4)
     _fill(accepting, lambda n: 0.01)
     for _ in range(200):
-        accepting.observe_round(16, [15, 12, 14])
+        accepting.observe_round(16, [15, 12, 14], groups=16)
+        accepting.observe_round(16, [15, 12, 14])  # LinearSpec rounds: as good, two forwards
     choice = accepting.choose(1)
-    assert (choice.block_size, choice.groups) == (16, None), choice
+    assert (choice.block_size, choice.groups) == (16, 16), choice
 
     per_token = lambda n: 0.005 + 0.0001 * n  # noqa: E731
     sparse = QuadraticPolicy(16, BLOCK_SIZES, ar_steps=4)
     _fill(sparse, per_token)
     for _ in range(200):
-        sparse.observe_round(16, [15, 12, 14])
+        sparse.observe_round(16, [15, 12, 14], groups=16)
     best = sparse.choose(1)
-    assert best.block_size > 1 and best.groups is not None, best
+    assert best.block_size > 1 and best.groups is not None and best.groups < best.block_size, best
 
     rejecting = QuadraticPolicy(16, BLOCK_SIZES, ar_steps=4)
     _fill(rejecting, per_token)
     for _ in range(200):
+        rejecting.observe_round(16, [0, 0, 0], groups=16)
         rejecting.observe_round(16, [0, 0, 0])
     assert rejecting.choose(1).block_size == 1
+
+    linear = QuadraticPolicy(16, BLOCK_SIZES, ar_steps=4)  # LinearSpec's drafts only accepted
+    _fill(linear, per_token)
+    for _ in range(200):
+        linear.observe_round(16, [0, 0, 0], groups=16)
+        linear.observe_round(16, [15, 12, 14])
+    best = linear.choose(1)
+    assert best.block_size > 1 and best.groups is None, best
 
 
 def test_rounds_without_drafts_observe_nothing():
     p = QuadraticPolicy(16, BLOCK_SIZES)
     before = p.acceptance.rates()
-    p.observe_round(16, [None, None], request_ids=["a", "b"])
+    p.observe_round(16, [None, None], request_ids=["a", "b"], groups=2)
     assert p.acceptance.rates() == before and not p.requests
-    p.observe_round(16, [None, 3], request_ids=["a", "b"])
+    p.observe_round(16, [None, 3], request_ids=["a", "b"], groups=2)
     assert set(p.requests) == {"b"} and p.acceptance.reached[1] == 1
+    assert not p.linear_requests and p.linear.reached[1] == 0  # a quadratic round's
 
 
 def test_round_state_plans_quadratic_shapes():
@@ -83,7 +97,8 @@ def test_round_state_plans_quadratic_shapes():
     assert auto.timed and isinstance(auto.policy, QuadraticPolicy)
     assert auto.plan(1) == RoundPlan(block_size=1, slots=4, timed=True)  # AR steps
     assert auto.plan(8, 2) == RoundPlan(8, 8 + 2 * 8, True, QuadraticLayout(8, 8, 2, False))
-    assert auto.plan(16).layout == layout and auto.plan(16).slots == 272
+    assert auto.plan(16, 16).layout == layout and auto.plan(16, 16).slots == 272
+    assert auto.plan(16) == RoundPlan(block_size=16, slots=16, timed=True)  # a LinearSpec round
     sparse = QuadraticLayout.for_checkpoint(16, False, 2)
     fixed = RoundBlockSize(AlgorithmSettings(block_size=16, quadratic_groups=2), 16, "quadratic", sparse)
     choice = fixed.begin_round(3)
@@ -91,5 +106,7 @@ def test_round_state_plans_quadratic_shapes():
     assert fixed.plan(choice.block_size, choice.groups).layout == sparse
     # A round's record reaches the right candidate's period table.
     auto.observe(RoundRecord(0.0, ("a",), 16, ((48, 0.01),), (3,), groups=2))
-    auto.observe(RoundRecord(0.02, ("a",), 8, ((24, 0.01),), (None,), groups=2))
-    assert set(auto.policy.period) == {(16, 2)}
+    auto.observe(RoundRecord(0.02, ("a",), 8, ((8, 0.01), (8, 0.01)), (5,)))  # LinearSpec B = 8
+    auto.observe(RoundRecord(0.05, ("a",), 8, ((24, 0.01),), (None,), groups=2))
+    assert set(auto.policy.period) == {(16, 2), (8, 0)}
+    assert auto.policy.acceptance.did[3] == 1 and auto.policy.linear.did[5] == 1

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from conftest import abort_mid_generation, generate, generate_many, meta, openai_defaults_answer
-from distribution import ar_step_probs, chi_square_pvalue
+from distribution import triple_cells, triple_pvalue
 from sglang_nemodiff.bundled import bundled_model_path
 from sglang_nemodiff.reference import NLDReference, ar_generate, quadratic_generate
 
@@ -81,47 +81,6 @@ def test_stop_strings_eos_and_lengths_like_ar(quadratic, model):
         else:
             assert out["output_ids"] == ar[:n]
             assert out["meta_info"]["finish_reason"]["type"] == ("stop" if EOS in ar[:n] else "length")
-
-
-def triple_cells(reference, prompt, temperature, top_p, min_pair=0.005):
-    """AR's exact probabilities of the first three tokens, as cells fixed before sampling: every
-    (t1, t2, t3) whose (t1, t2) has probability >= min_pair, and one cell for all other pairs
-    (the third token's distribution is only needed after the likely pairs)."""
-    first = ar_step_probs(reference, prompt, temperature, top_p)
-    cells, other, support = {}, 0.0, set()
-    for t1 in (first > 0).nonzero().flatten().tolist():
-        second = ar_step_probs(reference, prompt + [t1], temperature, top_p)
-        for t2 in (second > 0).nonzero().flatten().tolist():
-            pair = float(first[t1] * second[t2])
-            support.add((t1, t2))
-            if pair < min_pair:
-                other += pair
-                continue
-            third = ar_step_probs(reference, prompt + [t1, t2], temperature, top_p)
-            for t3 in (third > 0).nonzero().flatten().tolist():
-                cells[(t1, t2, t3)] = pair * float(third[t3])
-    return cells, other, support
-
-
-def triple_pvalue(cells, outputs):
-    """(chi-square p-value, samples outside AR's support) of the outputs' first three tokens."""
-    import torch
-
-    cells, other, support = cells
-    keys = sorted(cells)
-    index = {k: i for i, k in enumerate(keys)}
-    expected = torch.tensor([cells[k] for k in keys] + [other])
-    likely = {k[:2] for k in keys}
-    samples, outside = [], 0
-    for ids in outputs:
-        t = tuple(ids[:3])
-        if t in index:
-            samples.append(index[t])
-        elif t[:2] in support and t[:2] not in likely:
-            samples.append(len(keys))  # a pair below min_pair
-        else:
-            outside += 1
-    return chi_square_pvalue(torch.tensor(samples), expected / expected.sum()), outside
 
 
 def test_samples_ar_distribution_with_negative_control(quadratic, model):
@@ -209,7 +168,7 @@ def test_sparse_quadratic_equals_ar_and_the_oracle(server_pool, model):
 
 
 def test_auto_changes_the_round_shape_and_equals_ar(server_pool, model, tmp_path_factory):
-    """`block_size: auto` (the default YAML): the policy runs each batch as AR steps or a
+    """`block_size: auto`: the policy runs each batch as AR steps, a LinearSpec round or a
     quadratic round of its choice of (b, groups) (quadratic_policy.py). A fresh server's
     start-up sweep runs every shape it times, and then the policy's choices follow: the output
     stays AR's through every change of shape, one request and 8 at once."""
@@ -221,15 +180,16 @@ def test_auto_changes_the_round_shape_and_equals_ar(server_pool, model, tmp_path
     responses = [generate(server, ids, MAX_NEW) for ids in prompts[:3]]
     responses += generate_many(server, prompts + prompts[:1], MAX_NEW)
     assert [r["output_ids"] for r in responses] == expected[:3] + expected + expected[:1]
-    sizes, groups = {}, {}
+    sizes, groups, passes = {}, {}, {}
     for r in responses:
-        for b, n in meta(r, "nemodiff_blocks_per_size").items():
-            sizes[int(b)] = sizes.get(int(b), 0) + n
-        for k, n in (meta(r, "nemodiff_quadratic_groups") or {}).items():
-            groups[int(k)] = groups.get(int(k), 0) + n
-    print(f"quadratic auto: blocks per size {dict(sorted(sizes.items()))}, rounds per groups "
-          f"{dict(sorted(groups.items()))}")
+        for table, key in ((sizes, "nemodiff_blocks_per_size"), (groups, "nemodiff_quadratic_groups"),
+                           (passes, "nemodiff_forwards_per_pass")):
+            for k, n in (meta(r, key) or {}).items():
+                table[k] = table.get(k, 0) + n
+    print(f"quadratic auto: blocks per size {sizes}, quadratic rounds per groups {groups}, "
+          f"forwards per pass {passes}")
     assert len(sizes) >= 3 and len(groups) >= 3  # shapes changed between rounds
+    assert {"ar_step", "draft", "verify", "quadratic"} <= set(passes)  # every kind of round ran
     with open(server.log_path) as f:
         log = f.read()
     assert "(sweep)" in log and "expected tok/s by candidate" in log

@@ -33,14 +33,14 @@ class NemodiffQuadratic(NemodiffLinearSpec):
     # rows bidirectionally (not AR). SGLang moves a server asked for another one to `nemodiff`.
     supported_attention_backends = ("torch_native", "nemodiff")
     required_attention_backend = "nemodiff"
-    # Under `block_size: auto` the policy may run a batch as AR steps (quadratic_policy.py);
-    # the quadratic round after them starts without drafts.
+    # Under `block_size: auto` the policy may run a batch as AR steps or as a LinearSpec round
+    # (quadratic_policy.py); the quadratic round after them starts without drafts.
     takes_ar_steps = True
-    fill_pass = commit_pass = "quadratic"
 
     def _block_round(self, model_runner, forward_batch, plan, sampling, started):
         layout = plan.layout
-        assert layout is not None, f"a quadratic server got a {plan} round"
+        if layout is None:  # `auto` chose a LinearSpec round (draft and verify passes)
+            return super()._block_round(model_runner, forward_batch, plan, sampling, started)
         bs, L, g, k = forward_batch.batch_size, layout.block_len, layout.group, layout.n_groups
         ids = forward_batch.input_ids.view(bs, layout.tokens)
         block = ids[:, :L]
@@ -65,7 +65,7 @@ class NemodiffQuadratic(NemodiffLinearSpec):
         # or AR steps) observes no acceptance: its rejected mask ids say nothing of the drafts.
         had_drafts = (block[:, 1] != self.mask_id).tolist() if L > 1 else [False] * bs
         record = self._round_record(started, L, tuple(a if d else None for a, d in zip(accepted_list, had_drafts)),
-                                    groups=layout.groups if layout.groups is not None and layout.groups < L else None)
+                                    groups=k)
         tokens, logprobs = self._emitted(block, keep, bonus, sampling, lambda: fill.verify_logits)
         results = [RoundResult(passes=(("quadratic", 1),), tokens=keep_list[i], keep=keep_list[i],
                                accepted=accepted_list[i], block_size=L, logprobs=logprobs[i],
