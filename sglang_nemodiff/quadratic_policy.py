@@ -7,9 +7,17 @@ periods, per-request acceptance, budgets, start-up sweep, exploration) over more
 - a LinearSpec round of B (key (B, 0)): a draft and a verify forward of bs · B query tokens,
   drafted by the adapter this server loaded (the checkpoint's quadratic one when it has one:
   on the bundled model LinearSpec keeps 96% of its tokens per forward with it);
-- a quadratic round (b, k) for b in the block sizes up to the largest (16 unless the YAML says
-  otherwise) and k in 1, 2, 4, .. b groups (k = b: dense): one forward of
+- a quadratic round (b, k) for b in the block sizes up to the largest (16 unless the checkpoint's
+  is smaller) and k in 1, 2, 4 groups (k = b: dense, for b <= 4): one forward of
   bs · (b + k · group) query tokens (quadratic_layout.py).
+
+Why at most `AUTO_MAX_GROUPS` groups: the scheduler reserves KV for the largest round a request
+may run (patches/dllm_kv_pressure.py: round_slots) on every request it admits. A dense b = 16
+round places 272 slots per request against 80 with 4 groups; with that headroom a pool that ran
+32 requests at once under LinearSpec admitted fewer (quadratic auto fell to 0.87x LinearSpec
+auto's tok/s at concurrency 32, 8,192-token pool), for a candidate that on the bundled model adds
+12% tokens per forward over 4 groups (3.39 against 3.02 at b = 16). A fixed `block_size` keeps
+dense rounds (and `quadratic_groups`).
 
 LinearSpec and quadratic rounds keep apart acceptance statistics (their drafts differ: a
 quadratic group drafts before the bonus is known). A quadratic round with drafts commits
@@ -33,6 +41,13 @@ from sglang_nemodiff.block_policy import Acceptance, BlockSizePolicy, _own_sums
 from sglang_nemodiff.quadratic_layout import QuadraticLayout
 
 LINEAR = 0  # the second half of a LinearSpec round's key (B, 0)
+AUTO_MAX_GROUPS = 4  # quadratic rounds under `auto` draft at most this many groups (see above)
+
+
+def largest_auto_layout(max_block: int, shifted: bool) -> QuadraticLayout:
+    """The widest round `auto` may run: what the scheduler reserves and places at most."""
+    return QuadraticLayout.for_checkpoint(max_block, shifted,
+                                          AUTO_MAX_GROUPS if AUTO_MAX_GROUPS < max_block else None)
 
 
 class QuadraticPolicy(BlockSizePolicy):
@@ -49,7 +64,8 @@ class QuadraticPolicy(BlockSizePolicy):
     @classmethod
     def candidates(cls, max_block: int, sizes: Sequence[int]) -> tuple:
         blocks = [b for b in sizes if 2 <= b <= max_block] or [max_block]
-        groups = lambda b: [k for k in (1 << i for i in range(b.bit_length())) if k <= b]  # noqa: E731
+        groups = lambda b: [k for k in (1 << i for i in range(b.bit_length()))  # noqa: E731
+                            if k <= min(b, AUTO_MAX_GROUPS)]
         return ((cls.AR_KEY,) + tuple((b, LINEAR) for b in blocks)
                 + tuple((b, k) for b in blocks for k in groups(b)))
 

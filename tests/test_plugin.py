@@ -351,3 +351,27 @@ def test_penalizers_apply_in_one_fixed_order():
         assert [c.__name__ for c in orchestrator.penalizers] == list(penalizer_order.ORDER)
     logit, frequency, repetition = torch.tensor(2.9), 0.3, 1.1
     assert float((logit - frequency) / repetition) != pytest.approx(float(logit / repetition - frequency))
+
+
+def test_quadratic_round_shape_is_decided_once_from_the_yaml(tmp_path):
+    """The quadratic DllmConfig: `auto` plans rounds up to b = 16 with 4 groups (what the
+    scheduler reserves per request: 80 slots, not a dense round's 272); a fixed block_size keeps
+    its layout, sparse or dense; `quadratic_groups` under `auto` is refused by name."""
+    from sglang.srt.dllm.config import DllmConfig
+
+    from sglang_nemodiff.patches.dllm_config import round_slots
+
+    def config(yaml_text):
+        path = tmp_path / f"q{abs(hash(yaml_text))}.yaml"
+        path.write_text(yaml_text)
+        view = _resolved(tmp_path, "cpu", {"algorithm": "quadratic", "algorithm_config": str(path)})
+        return DllmConfig.from_server_args(view)
+
+    auto = config("block_size: auto\n")
+    assert (auto.block_size, auto.quadratic.n_groups, round_slots(auto)) == (16, 4, 80)
+    dense = config("block_size: 8\n")
+    assert (dense.block_size, dense.quadratic.n_groups, round_slots(dense)) == (8, 8, 72)
+    sparse = config("block_size: 16\nquadratic_groups: 2\n")
+    assert round_slots(sparse) == 48
+    with pytest.raises(ValueError, match="quadratic_groups"):
+        config("block_size: auto\nquadratic_groups: 2\n")

@@ -5,22 +5,25 @@ import pytest
 
 from sglang_nemodiff.block_policy import RoundBlockSize
 from sglang_nemodiff.quadratic_layout import QuadraticLayout
-from sglang_nemodiff.quadratic_policy import QuadraticPolicy
+from sglang_nemodiff.quadratic_policy import QuadraticPolicy, largest_auto_layout
 from sglang_nemodiff.round_plan import RoundPlan, RoundRecord
 from sglang_nemodiff.settings import BLOCK_SIZES, AlgorithmSettings
 
 
 def test_candidates_shapes_and_keys():
     p = QuadraticPolicy(16, BLOCK_SIZES, ar_steps=4)
-    assert p.sizes[0] == p.AR_KEY and (16, 16) in p.sizes and (16, 2) in p.sizes and (8, 0) in p.sizes
-    assert all(b <= 16 and 0 <= k <= b for b, k in p.sizes[1:]) and (32, 1) not in p.sizes
-    assert p.query_tokens((16, 2)) == 16 + 2 * 16 and p.query_tokens((16, 16)) == 16 * 17
+    assert p.sizes[0] == p.AR_KEY and (16, 4) in p.sizes and (16, 2) in p.sizes and (8, 0) in p.sizes
+    assert all(b <= 16 and 0 <= k <= min(b, 4) for b, k in p.sizes[1:]) and (32, 1) not in p.sizes
+    assert (4, 4) in p.sizes and (16, 8) not in p.sizes and (16, 16) not in p.sizes  # AUTO_MAX_GROUPS
+    assert p.query_tokens((16, 2)) == 16 + 2 * 16 and p.query_tokens((4, 4)) == 4 * 5
     assert QuadraticPolicy(16, BLOCK_SIZES, shifted=True).query_tokens((16, 2)) == 16 + 2 * 15
     assert p.query_tokens(p.AR_KEY) == 1 and p.passes(p.AR_KEY) == 4 and p.passes((8, 2)) == 1
     assert p.query_tokens((8, 0)) == 8 and p.passes((8, 0)) == 2  # a LinearSpec round
     for key in p.sizes:  # a round's record names the candidate it ran
         assert p.key_of(*p.split(key)) == key
-    assert p.split((16, 16)) == (16, 16) and p.split((8, 2)) == (8, 2) and p.split((8, 0)) == (8, None)
+    assert p.split((4, 4)) == (4, 4) and p.split((8, 2)) == (8, 2) and p.split((8, 0)) == (8, None)
+    # The widest candidate is what the scheduler reserves for (patches/dllm_config.py).
+    assert largest_auto_layout(16, False).tokens == max(p.query_tokens(k) for k in p.sizes) == 80
 
 
 def test_expected_tokens_count_the_rounds_without_drafts():
@@ -45,8 +48,8 @@ def _fill(p, cost, overhead=0.0005, batch=1):
 
 
 def test_choices_follow_cost_and_acceptance():
-    """Flat forward cost (a GPU at small batch) and drafts that are accepted: the widest,
-    densest round wins. A fixed cost plus one per token (this CPU): a sparse round with the
+    """Flat forward cost (a GPU at small batch) and drafts that are accepted: the widest round
+    (most groups) wins. A fixed cost plus one per token (this CPU): a sparse round with the
     same acceptance, AR steps when no draft is ever accepted (negative control: the same cost
     table, only the acceptance differs)."""
     accepting = QuadraticPolicy(16, BLOCK_SIZES, ar_steps=4)
@@ -55,7 +58,7 @@ def test_choices_follow_cost_and_acceptance():
         accepting.observe_round(16, [15, 12, 14], groups=16)
         accepting.observe_round(16, [15, 12, 14])  # LinearSpec rounds: as good, two forwards
     choice = accepting.choose(1)
-    assert (choice.block_size, choice.groups) == (16, 16), choice
+    assert (choice.block_size, choice.groups) == (16, 4), choice
 
     per_token = lambda n: 0.005 + 0.0001 * n  # noqa: E731
     sparse = QuadraticPolicy(16, BLOCK_SIZES, ar_steps=4)
@@ -92,12 +95,11 @@ def test_rounds_without_drafts_observe_nothing():
 
 
 def test_round_state_plans_quadratic_shapes():
-    layout = QuadraticLayout.for_checkpoint(16, False)
-    auto = RoundBlockSize(AlgorithmSettings(ar_steps=4), 16, "quadratic", layout)
+    auto = RoundBlockSize(AlgorithmSettings(ar_steps=4), 16, "quadratic", largest_auto_layout(16, False))
     assert auto.timed and isinstance(auto.policy, QuadraticPolicy)
     assert auto.plan(1) == RoundPlan(block_size=1, slots=4, timed=True)  # AR steps
     assert auto.plan(8, 2) == RoundPlan(8, 8 + 2 * 8, True, QuadraticLayout(8, 8, 2, False))
-    assert auto.plan(16, 16).layout == layout and auto.plan(16, 16).slots == 272
+    assert auto.plan(16, 16).layout == QuadraticLayout.for_checkpoint(16, False) and auto.plan(16, 16).slots == 272
     assert auto.plan(16) == RoundPlan(block_size=16, slots=16, timed=True)  # a LinearSpec round
     sparse = QuadraticLayout.for_checkpoint(16, False, 2)
     fixed = RoundBlockSize(AlgorithmSettings(block_size=16, quadratic_groups=2), 16, "quadratic", sparse)

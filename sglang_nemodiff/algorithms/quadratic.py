@@ -13,7 +13,10 @@ q: accept d with probability p(d), else sample the residual), so the output is e
 or has AR's distribution. n = tokens kept (d_0 included): their KV (the first n slots, causal)
 stays, the stash frees the rest. The next block's drafts are group n-1's argmax predictions for
 the slots after the bonus (none if a sparse round drafted no group n-1); they ride on the
-request's RoundResult (`next_drafts`) to its next round. Drafts are always argmax here (a sampled draft would need its q kept between rounds)."""
+request's RoundResult (`next_drafts`) to its next round. Drafts are always argmax here (a sampled draft would need its q kept between rounds).
+
+Under `block_size: auto` the round's plan may instead be AR steps or a LinearSpec round of B
+(quadratic_policy.py): those run LinearSpec's code, drafted by this server's adapter."""
 
 from __future__ import annotations
 

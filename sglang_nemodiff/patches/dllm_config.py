@@ -5,7 +5,7 @@ The quadratic mode's round shape is decided here too, once: its block b (a numbe
 block_size; under `auto` the largest b the policy may choose, NLD's 16 within the checkpoint's)
 and the group of masks after each block token, which depends on the checkpoint's draft
 convention (quadratic_layout.py). The config carries the layout (`NemodiffDllmConfig.quadratic`:
-the fixed round's, or under `auto` the largest candidate's) to the planner, and the tokens a
+the fixed round's, or under `auto` the widest candidate's, quadratic_policy.py) to the planner, and the tokens a
 round places at most (`round_slots`) to the scheduler's budgets."""
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def from_server_args(original, server_args):
     from sglang_nemodiff.algorithms import mode_of
     from sglang_nemodiff.config import ARCHITECTURE
     from sglang_nemodiff.quadratic_layout import QuadraticLayout
+    from sglang_nemodiff.quadratic_policy import largest_auto_layout
     from sglang_nemodiff.settings import load_settings, max_block_size
 
     cfg = resolving_view(server_args)
@@ -77,10 +78,12 @@ def from_server_args(original, server_args):
                 raise ValueError(f"{source}: quadratic_groups fixes the groups of a fixed "
                                  "block_size; under block_size: auto the policy chooses them")
             block_size = min(QUADRATIC_DEFAULT_BLOCK, checkpoint_block)
+            shift = bool(getattr(hf_config, "shift_logits", False))
+            quadratic = largest_auto_layout(block_size, shift)
         else:
             block_size = max_block_size(settings, checkpoint_block, source)
-        shift = bool(getattr(hf_config, "shift_logits", False))
-        quadratic = QuadraticLayout.for_checkpoint(block_size, shift, settings.quadratic_groups)
+            shift = bool(getattr(hf_config, "shift_logits", False))
+            quadratic = QuadraticLayout.for_checkpoint(block_size, shift, settings.quadratic_groups)
     else:
         block_size = max_block_size(settings, checkpoint_block, source)
     return NemodiffDllmConfig(
