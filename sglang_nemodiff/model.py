@@ -213,24 +213,9 @@ class NLDAttention(nn.Module):
         self.attn_bidir = RadixAttention(self.num_heads, self.head_dim, scaling,
                                          attn_type=AttentionType.ENCODER_ONLY,
                                          prefix=f"{prefix}.attn_bidir", **common)
-        self.draft_lora_a: Optional[RowParallelLinear] = None  # set by load_draft_lora
-        self.draft_lora_b: Optional[ReplicatedLinear] = None
-        self.draft_lora_scale = 0.0
-        self.draft_o_proj: Optional[RowParallelLinear] = None  # o_proj + LoRA merged (merge_draft_lora)
-
-    def merge_draft_lora(self) -> None:
-        """Fold the draft LoRA into a second o_proj, W + scale * B @ A (this rank's shard: A is
-        split like W's input, B replicated), when the low-rank path is not much cheaper than a full
-        matmul: it then costs two matmuls and an add per layer for no saving (rank 128 on the
-        bundled model's 256-wide o_proj made its draft pass 22% dearer than the verify pass)."""
-        w = self.o_proj.weight
-        merged = w.float() + self.draft_lora_scale * (self.draft_lora_b.weight.float()
-                                                      @ self.draft_lora_a.weight.float())
-        draft = copy.copy(self.o_proj)  # same shard and TP group (a process group cannot be deep-copied)
-        draft._parameters = dict(draft._parameters)
-        draft.weight = nn.Parameter(merged.to(w.dtype), requires_grad=False)
-        self.draft_o_proj = draft
-        self.draft_lora_a = self.draft_lora_b = None
+        # Draft adapters (load_draft_lora): "draft" for every adapter pass, and in a quadratic
+        # server "quadratic" (the checkpoint's quadratic_lora/) for the quadratic rounds' groups.
+        self.adapters = nn.ModuleDict()
 
     def forward(self, positions, hidden_states, forward_batch: ForwardBatch, causal_view: bool,
                 adapter: Optional["AdapterRows"]):
@@ -244,31 +229,74 @@ class NLDAttention(nn.Module):
             q = (q.view(-1, self.num_heads, self.head_dim) * scale.to(q.dtype)[:, None, None]
                  ).view(-1, self.q_size)
         attn_out = (self.attn if causal_view else self.attn_bidir)(q, k, v, forward_batch)
-        if adapter is None or (self.draft_lora_a is None and self.draft_o_proj is None):
+        if adapter is None or not self.adapters:
             out, _ = self.o_proj(attn_out)
             return out
-        if self.draft_o_proj is not None:  # merged (eager servers only): base rows recomputed
-            out, _ = self.draft_o_proj(attn_out)
-            if adapter.base is not None:
-                base, _ = self.o_proj(attn_out[adapter.base])
-                out[adapter.base] = base
-            return out
+        quadratic = self.adapters["quadratic"] if "quadratic" in self.adapters else None
+        if quadratic is None or adapter.quadratic is False:
+            return self.adapters["draft"](attn_out, self.o_proj, adapter.rows, adapter.base)
+        if adapter.quadratic is True:
+            return quadratic(attn_out, self.o_proj, adapter.rows, adapter.base)
+        # Graph-safe with both adapters: `quadratic` is 1.0 / 0.0 from the pass data, both
+        # low-rank deltas run and each is scaled by its share (0.0 leaves the other bit-exact).
         out, _ = self.o_proj(attn_out)
-        low_rank, _ = self.draft_lora_a(attn_out)
-        delta, _ = self.draft_lora_b(low_rank)
+        draft = self.adapters["draft"]
+        return (out + draft.delta(attn_out) * (adapter.rows * (1.0 - adapter.quadratic))
+                + quadratic.delta(attn_out) * (adapter.rows * adapter.quadratic))
+
+
+class DraftAdapter(nn.Module):
+    """One o_proj LoRA of one layer: A split over the (tensor-parallel) attention output like
+    o_proj, B replicated; or, merged, a second o_proj W + scale * B @ A."""
+
+    def __init__(self, o_proj, width: int, rank: int, hidden: int, scale: float, dtype, prefix: str):
+        super().__init__()
+        self.lora_a = RowParallelLinear(width, rank, bias=False, params_dtype=dtype, prefix=f"{prefix}.lora_A")
+        self.lora_b = ReplicatedLinear(rank, hidden, bias=False, params_dtype=dtype, prefix=f"{prefix}.lora_B")
+        self.scale = scale
+        self.merged: Optional[RowParallelLinear] = None
+
+    def merge(self, o_proj) -> None:
+        """Fold the LoRA into a second o_proj (this rank's shard), when the low-rank path is not
+        much cheaper than a full matmul: it then costs two matmuls and an add per layer for no
+        saving (rank 128 on the bundled model's 256-wide o_proj made its draft pass 22% dearer
+        than the verify pass)."""
+        w = o_proj.weight
+        merged = w.float() + self.scale * (self.lora_b.weight.float() @ self.lora_a.weight.float())
+        draft = copy.copy(o_proj)  # same shard and TP group (a process group cannot be deep-copied)
+        draft._parameters = dict(draft._parameters)
+        draft.weight = nn.Parameter(merged.to(w.dtype), requires_grad=False)
+        self.merged = draft
+        del self.lora_a, self.lora_b
+        self.lora_a = self.lora_b = None
+
+    def delta(self, attn_out):
+        low_rank, _ = self.lora_a(attn_out)
+        delta, _ = self.lora_b(low_rank)
+        return delta * self.scale
+
+    def forward(self, attn_out, o_proj, rows, base):
+        if self.merged is not None:  # merged (eager servers only): base rows recomputed
+            out, _ = self.merged(attn_out)
+            if base is not None:
+                out[base] = o_proj(attn_out[base])[0]
+            return out
+        out, _ = o_proj(attn_out)
         # rows: 1.0 where the adapter runs, 0.0 elsewhere (out + 0.0 is out, bit for bit)
-        return out + delta * self.draft_lora_scale * adapter.rows
+        return out + self.delta(attn_out) * rows
 
 
 class AdapterRows:
     """Where a forward runs the draft adapter: `rows` [T, 1] (1.0 / 0.0, pass_kind.adapter_rows)
     and, for a merged adapter on an eager server, `base` [T] bool (rows on the base weights) or
-    None when every row runs the adapter."""
+    None when every row runs the adapter. `quadratic`: whether the pass is a quadratic round
+    (its adapter, when the server holds one): a bool, or in a graph-safe forward a 0-dim
+    1.0 / 0.0 tensor from the pass data."""
 
-    __slots__ = ("rows", "base")
+    __slots__ = ("rows", "base", "quadratic")
 
-    def __init__(self, rows: torch.Tensor, base: Optional[torch.Tensor] = None):
-        self.rows, self.base = rows, base
+    def __init__(self, rows: torch.Tensor, base: Optional[torch.Tensor] = None, quadratic=False):
+        self.rows, self.base, self.quadratic = rows, base, quadratic
 
 
 class NLDMLP(nn.Module):
@@ -379,8 +407,9 @@ class NemotronLabsDiffusionModel(nn.Module):
             forward_batch.nemodiff_pass = data
             mask = data[0]
             causal_view = False
-            adapter = AdapterRows(adapter_rows(mask, data[1], data[2], tokens, bs, input_ids.device,
-                                               self.diffusion_head.weight.dtype))
+            dtype = self.diffusion_head.weight.dtype
+            adapter = AdapterRows(adapter_rows(mask, data[1], data[2], tokens, bs, input_ids.device, dtype),
+                                  quadratic=(mask == QUADRATIC).to(dtype))
         else:
             if capturing_cuda_graph():
                 self.graph_guard.record(forward_batch.forward_mode, kind.name)
@@ -391,7 +420,7 @@ class NemotronLabsDiffusionModel(nn.Module):
                 rows = adapter_rows(kind.mask, True, layout.block_len if layout else 0, tokens, bs,
                                     input_ids.device, self.diffusion_head.weight.dtype)
                 base = rows[:, 0] == 0 if kind.mask in (SEED_CAUSAL, QUADRATIC) else None
-                adapter = AdapterRows(rows, base)
+                adapter = AdapterRows(rows, base, quadratic=kind.mask == QUADRATIC)
         hidden = self.encoder(input_ids, positions, forward_batch, input_embeds, causal_view, adapter)
         out = self.logits_processor(input_ids, hidden, self.diffusion_head, forward_batch)
         shift = shifts_logits(mask, self.config.shift_logits)
@@ -438,21 +467,33 @@ class NemotronLabsDiffusionModel(nn.Module):
         self.load_draft_lora()
 
     def load_draft_lora(self):
-        """Attach the draft adapter (PEFT, o_proj) if configured/present: `lora_path`, else the
-        checkpoint's for this server's mode (checkpoint.adapter_dir)."""
+        """Attach the draft adapters (PEFT, o_proj) if configured/present: `lora_path` for every
+        adapter pass, else the checkpoint's `linear_spec_lora/` and, in a quadratic server, its
+        `quadratic_lora/` for the quadratic rounds (checkpoint.adapter_dir: one decision with the
+        oracle). A quadratic server without one drafts its groups with the LinearSpec adapter."""
+        from sglang_nemodiff.checkpoint import adapter_dir
         from sglang_nemodiff.settings import current_settings
 
-        from sglang_nemodiff.checkpoint import adapter_dir
-
         settings = current_settings()
-        root = getattr(self.config, "_name_or_path", None) or ""
-        lora_dir = settings.lora_path or adapter_dir(root, quadratic=serving_quadratic())
         if not settings.use_lora:
             return
-        if not os.path.isdir(lora_dir):
-            if settings.lora_path:
+        root = getattr(self.config, "_name_or_path", None) or ""
+        if settings.lora_path:
+            if not os.path.isdir(settings.lora_path):
                 raise FileNotFoundError(f"lora_path {settings.lora_path} is not a directory")
+            self._load_adapter("draft", settings.lora_path)
             return
+        draft = adapter_dir(root)
+        if os.path.isdir(draft):
+            self._load_adapter("draft", draft)
+        quadratic = adapter_dir(root, quadratic=True)
+        if serving_quadratic() and quadratic != draft and os.path.isdir(quadratic):
+            if not os.path.isdir(draft):  # the quadratic adapter serves every adapter pass
+                self._load_adapter("draft", quadratic)
+            else:
+                self._load_adapter("quadratic", quadratic)
+
+    def _load_adapter(self, name: str, lora_dir: str) -> None:
         from safetensors.torch import load_file
 
         with open(os.path.join(lora_dir, "adapter_config.json")) as f:
@@ -463,6 +504,7 @@ class NemotronLabsDiffusionModel(nn.Module):
         rank, scale = adapter["r"], adapter["lora_alpha"] / adapter["r"]
         tensors = load_file(os.path.join(lora_dir, "adapter_model.safetensors"))
         dtype = self.diffusion_head.weight.dtype
+        device = self.diffusion_head.weight.device
         # Every layer's o_proj shard has the same shape: one decision for all of them.
         hidden, width_shard = self.encoder.layers[0].self_attn.o_proj.weight.shape
         merge = (self.quant_config is None and not self.pass_options.graph_safe
@@ -473,24 +515,17 @@ class NemotronLabsDiffusionModel(nn.Module):
             for part in ("lora_A", "lora_B"):
                 if f"{key}.{part}.weight" not in tensors:
                     raise ValueError(f"{lora_dir}: missing tensor {key}.{part}.weight")
-            width = attn.total_heads * attn.head_dim
-            # A is split over the (tensor-parallel) attention output like o_proj; B is replicated.
-            attn.draft_lora_a = RowParallelLinear(width, rank, bias=False, params_dtype=dtype,
-                                                  prefix=f"{key}.lora_A")
-            attn.draft_lora_b = ReplicatedLinear(rank, self.config.hidden_size, bias=False,
-                                                 params_dtype=dtype, prefix=f"{key}.lora_B")
-            device = self.diffusion_head.weight.device
-            attn.draft_lora_a.to(device)
-            attn.draft_lora_b.to(device)
-            a = attn.draft_lora_a.weight
+            module = DraftAdapter(attn.o_proj, attn.total_heads * attn.head_dim, rank,
+                                  self.config.hidden_size, scale, dtype, key).to(device)
+            a = module.lora_a.weight
             a.weight_loader(a, tensors[f"{key}.lora_A.weight"].to(dtype))
-            b = attn.draft_lora_b.weight
+            b = module.lora_b.weight
             b.weight_loader(b, tensors[f"{key}.lora_B.weight"].to(dtype))
-            attn.draft_lora_scale = scale
             if merge:
-                attn.merge_draft_lora()
-        logger.info("Loaded draft-only LoRA from %s (r=%d, alpha/r=%.1f%s)", lora_dir, rank, scale,
-                    ", merged into a draft o_proj" if merge else "")
+                module.merge(attn.o_proj)
+            attn.adapters[name] = module
+        logger.info("Loaded draft-only LoRA from %s as the %s adapter (r=%d, alpha/r=%.1f%s)", lora_dir,
+                    name, rank, scale, ", merged into a draft o_proj" if merge else "")
 
 
 EntryClass = [NemotronLabsDiffusionModel]

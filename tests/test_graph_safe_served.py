@@ -215,3 +215,44 @@ def test_backend_graph_hooks_capture_once_and_replay(checkpoint, monkeypatch):
             finally:
                 model.pass_options.clear()
             assert torch.equal(got, want), (prefixes, kind)
+
+
+def test_a_quadratic_server_drafts_each_round_kind_with_its_adapter(checkpoint, tmp_path, monkeypatch):
+    """A quadratic server holds two adapters (model.load_draft_lora): the checkpoint's
+    quadratic_lora/ for quadratic rounds, linear_spec_lora/ for every other adapter pass (its
+    LinearSpec rounds under `block_size: auto`). Eager (merged or not) and graph-safe (both
+    deltas computed, each scaled by the pass data) agree, and the graph-safe forward still
+    compiles to one graph across the kinds. Negative control: each kind's output differs from
+    the one with the other adapter."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    quadratic_dir = tmp_path / "quadratic_lora"
+    shutil.copytree(os.path.join(checkpoint, "linear_spec_lora"), quadratic_dir)
+    tensors = load_file(str(quadratic_dir / "adapter_model.safetensors"))
+    gen = torch.Generator().manual_seed(9)
+    save_file({k: torch.randn(v.shape, generator=gen) * 0.5 for k, v in tensors.items()},
+              str(quadratic_dir / "adapter_model.safetensors"))
+    draft_kind, quad_kind = KINDS["draft (seed-causal + adapter)"], KINDS["quadratic round"]
+    ids = round_ids(Served(checkpoint, graph_safe=False, monkeypatch=monkeypatch).config)
+
+    def run(served, kind, forward=None):
+        return served.forward(ids, list(PREFIXES), [T, T], kind, forward)
+
+    one = Served(checkpoint, graph_safe=False, monkeypatch=monkeypatch)  # the draft adapter only
+    both = {}
+    for graph_safe in (False, True):
+        served = Served(checkpoint, graph_safe=graph_safe, monkeypatch=monkeypatch)
+        served.model._load_adapter("quadratic", str(quadratic_dir))
+        both[graph_safe] = served
+    with torch.no_grad():
+        for served in both.values():
+            assert torch.equal(run(served, draft_kind), run(one, draft_kind))  # LinearSpec's adapter
+            assert not torch.equal(run(served, quad_kind), run(one, quad_kind))  # the quadratic one
+        assert torch.allclose(run(both[True], quad_kind), run(both[False], quad_kind), atol=1e-5)
+    torch._dynamo.reset()
+    compiled = torch.compile(both[True].model.forward, fullgraph=True, dynamic=False, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        for kind in (draft_kind, quad_kind, KINDS["causal (verify, refresh, AR step)"]):
+            assert torch.equal(run(both[True], kind, compiled), run(both[True], kind))
