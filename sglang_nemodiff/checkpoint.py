@@ -30,10 +30,11 @@ QUADRATIC_ADAPTER = "quadratic_lora"  # optional: drafts for quadratic rounds (t
 
 
 def adapter_dir(path: str, quadratic: bool = False) -> str:
-    """The draft adapter a mode runs, one decision for the served model and the oracle: the
-    quadratic mode's own `quadratic_lora/` when the checkpoint has one (its groups draft without
-    knowing the bonus, a layout the LinearSpec adapter was not distilled for:
-    launch/train_quadratic_draft.py), else `linear_spec_lora/`."""
+    """The draft adapter a kind of round runs, one decision for the served model and the oracle:
+    quadratic rounds the checkpoint's own `quadratic_lora/` when it has one (its groups draft
+    without knowing the bonus, a layout the LinearSpec adapter was not distilled for:
+    launch/train_quadratic_draft.py), else `linear_spec_lora/`, which every other adapter pass
+    runs."""
     if quadratic and os.path.isdir(os.path.join(path, QUADRATIC_ADAPTER)):
         return os.path.join(path, QUADRATIC_ADAPTER)
     return os.path.join(path, LINEAR_SPEC_ADAPTER)
