@@ -470,7 +470,9 @@ class NemotronLabsDiffusionModel(nn.Module):
         """Attach the draft adapters (PEFT, o_proj) if configured/present: `lora_path` for every
         adapter pass, else the checkpoint's `linear_spec_lora/` and, in a quadratic server, its
         `quadratic_lora/` for the quadratic rounds (checkpoint.adapter_dir: one decision with the
-        oracle). A quadratic server without one drafts its groups with the LinearSpec adapter."""
+        oracle). A quadratic server without one drafts its groups with the LinearSpec adapter; one
+        at a fixed block_size runs no LinearSpec round, so it holds the quadratic adapter alone
+        (merged, each adapter is a copy of o_proj per layer)."""
         from sglang_nemodiff.checkpoint import adapter_dir
         from sglang_nemodiff.settings import current_settings
 
@@ -483,15 +485,15 @@ class NemotronLabsDiffusionModel(nn.Module):
                 raise FileNotFoundError(f"lora_path {settings.lora_path} is not a directory")
             self._load_adapter("draft", settings.lora_path)
             return
-        draft = adapter_dir(root)
-        if os.path.isdir(draft):
+        draft, quadratic = adapter_dir(root), adapter_dir(root, quadratic=True)
+        if not serving_quadratic() or quadratic == draft:
+            if os.path.isdir(draft):
+                self._load_adapter("draft", draft)
+        elif settings.block_size == "auto" and os.path.isdir(draft):  # LinearSpec rounds too
             self._load_adapter("draft", draft)
-        quadratic = adapter_dir(root, quadratic=True)
-        if serving_quadratic() and quadratic != draft and os.path.isdir(quadratic):
-            if not os.path.isdir(draft):  # the quadratic adapter serves every adapter pass
-                self._load_adapter("draft", quadratic)
-            else:
-                self._load_adapter("quadratic", quadratic)
+            self._load_adapter("quadratic", quadratic)
+        else:  # the quadratic adapter serves every adapter pass
+            self._load_adapter("draft", quadratic)
 
     def _load_adapter(self, name: str, lora_dir: str) -> None:
         from safetensors.torch import load_file

@@ -30,7 +30,10 @@ p = P(accepted >= k) (0 for dense rounds). Rounds without drafts observe no acce
 
 What the model leaves out: a quadratic round right after AR steps or a LinearSpec round has no
 drafts either; drafts made by a smaller b than the next round's leave its last slots undrafted
-(counted as rejected there). The measured period of each candidate sees part of both.
+(counted as rejected there). The measured period of each candidate sees part of both. For the
+same reason an exploration of a quadratic candidate from another kind of round runs it twice in
+a row: its first round has no drafts and observes nothing, the second measures its acceptance
+(else a server settled on AR steps or LinearSpec would never learn that quadratic drafts improved).
 """
 
 from __future__ import annotations
@@ -60,6 +63,24 @@ class QuadraticPolicy(BlockSizePolicy):
         # LinearSpec rounds' acceptance (self.acceptance / self.requests: quadratic rounds').
         self.linear = Acceptance(max_block)
         self.linear_requests = {}
+        self.last_key = None  # the previous round's candidate
+        self.follow = None  # a quadratic candidate explored from another kind: its second round
+
+    def is_quadratic(self, key) -> bool:
+        return key is not None and key != self.AR_KEY and key[1] != LINEAR
+
+    def choose(self, batch_size: int, budgets=None, request_ids=None):
+        if self.follow is not None:
+            key, self.follow = self.follow, None
+            self.rounds += 1
+            choice = self._choice(key, batch_size, "explore")
+        else:
+            choice = super().choose(batch_size, budgets, request_ids)
+            key = self.key_of(choice.block_size, choice.groups)
+            if choice.reason == "explore" and self.is_quadratic(key) and not self.is_quadratic(self.last_key):
+                self.follow = key
+        self.last_key = key
+        return choice
 
     @classmethod
     def candidates(cls, max_block: int, sizes: Sequence[int]) -> tuple:

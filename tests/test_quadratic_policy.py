@@ -112,3 +112,26 @@ def test_round_state_plans_quadratic_shapes():
     auto.observe(RoundRecord(0.05, ("a",), 8, ((24, 0.01),), (None,), groups=2))
     assert set(auto.policy.period) == {(16, 2), (8, 0)}
     assert auto.policy.acceptance.did[3] == 1 and auto.policy.linear.did[5] == 1
+
+
+def test_an_explored_quadratic_round_runs_twice_from_another_kind():
+    """Its first round after AR steps or a LinearSpec round has no drafts (observes nothing):
+    the exploration repeats it once, so its acceptance is measured; then the policy goes back."""
+    from sglang_nemodiff.block_policy import EXPLORE_EVERY
+
+    p = QuadraticPolicy(16, BLOCK_SIZES, ar_steps=4)
+    _fill(p, lambda n: 0.005 + 0.0001 * n)
+    for _ in range(200):
+        p.observe_round(16, [0, 0, 0], groups=4)  # quadratic drafts rejected
+        p.observe_round(16, [2, 3, 1])  # LinearSpec's accepted now and then
+    keys = []
+    for _ in range(6 * EXPLORE_EVERY):
+        c = p.choose(1)
+        keys.append((p.key_of(c.block_size, c.groups), c.reason))
+    incumbent = keys[0][0]
+    assert not p.is_quadratic(incumbent)
+    for i, (key, reason) in enumerate(keys[:-2]):
+        if reason == "explore" and p.is_quadratic(key) and not p.is_quadratic(keys[i - 1][0]):
+            assert keys[i + 1] == (key, "explore"), keys[i - 1:i + 3]
+            assert keys[i + 2][1] != "explore"
+    assert sum(reason == "explore" and p.is_quadratic(key) for key, reason in keys[:-2]) >= 2

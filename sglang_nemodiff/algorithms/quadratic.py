@@ -43,6 +43,7 @@ class NemodiffQuadratic(NemodiffLinearSpec):
     def _block_round(self, model_runner, forward_batch, plan, sampling, started):
         layout = plan.layout
         if layout is None:  # `auto` chose a LinearSpec round (draft and verify passes)
+            assert plan.slots == plan.block_size, f"a quadratic server got a {plan} round"
             return super()._block_round(model_runner, forward_batch, plan, sampling, started)
         bs, L, g, k = forward_batch.batch_size, layout.block_len, layout.group, layout.n_groups
         ids = forward_batch.input_ids.view(bs, layout.tokens)
@@ -71,7 +72,8 @@ class NemodiffQuadratic(NemodiffLinearSpec):
                                     groups=k)
         tokens, logprobs = self._emitted(block, keep, bonus, sampling, lambda: fill.verify_logits)
         results = [RoundResult(passes=(("quadratic", 1),), tokens=keep_list[i], keep=keep_list[i],
-                               accepted=accepted_list[i], block_size=L, logprobs=logprobs[i],
+                               accepted=accepted_list[i] if had_drafts[i] else None,
+                               block_size=L, logprobs=logprobs[i],
                                record=record, next_drafts=tuple(drafts[i]), groups=k)
                    for i in range(bs)]
         return out.logits_output, tokens, None, results, out.can_run_graph

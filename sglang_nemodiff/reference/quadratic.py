@@ -52,9 +52,11 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0)
     """[..., V] logits -> the distribution AR samples from: softmax(logits / temperature), cut to
     the smallest set of most likely tokens whose mass reaches top_p, renormalised."""
     probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p >= 1.0:
+        return probs
     sorted_probs, order = probs.sort(-1, descending=True)
     before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens more likely than each
-    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+    sorted_probs = sorted_probs.masked_fill(before > top_p, 0.0)
     kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return kept / kept.sum(-1, keepdim=True)
 
