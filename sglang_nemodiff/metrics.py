@@ -13,7 +13,8 @@ Per round (live while requests run), from the same `RoundResult`s the requests' 
 - `nemodiff_blocks_total{block_size}`: blocks by the block size the round ran (`auto` shows its
   choices here; an AR-steps round counts its steps as blocks of size 1).
 - `nemodiff_accepted_drafts`: histogram of accepted drafts per drafted block (quadratic rounds, LinearSpec rounds
-  with B >= 2).
+  with B >= 2; a quadratic round without drafts, a request's first or one after another kind of
+  round, counts 0, as in meta_info's `nemodiff_accept_length`; the block policy leaves it out).
 Per finished request:
 - `nemodiff_requests_total`, `nemodiff_committed_tokens_total` (its output tokens),
 - `nemodiff_tokens_per_forward`: histogram of each request's tokens per forward.

@@ -283,3 +283,17 @@ def openai_defaults_answer(server):
     chat = client.chat.completions.create(model="m", max_tokens=16, messages=[
         {"role": "user", "content": "Repeat the code: x = 1"}])
     assert chat.choices[0].message.content is not None and chat.usage.completion_tokens > 0
+
+
+# Files whose servers take both cores (they stop every pooled server first): run last, so the
+# pool's resident servers are started once for all the other files (test_router.py ran between
+# test_robustness.py and test_sampling.py and cost four resident restarts, ~2 minutes).
+RUN_LAST = ("test_router.py", "test_tensor_parallel.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def last(item):
+        name = os.path.basename(str(item.fspath))
+        return RUN_LAST.index(name) + 1 if name in RUN_LAST else 0
+
+    items.sort(key=last)  # stable: the order within each group is kept

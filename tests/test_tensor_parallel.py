@@ -15,7 +15,7 @@ import os
 import pytest
 import requests
 
-from conftest import BLOCK32, CPU_ARGS, DENOISE_LORA, SERVER_ENV, bundled_with_random_lora, generate, generate_many, meta
+from conftest import BLOCK16, BLOCK32, CPU_ARGS, DENOISE_LORA, SERVER_ENV, bundled_with_random_lora, generate, generate_many, meta
 from sglang_nemodiff.bundled import bundled_model_path
 from sglang_nemodiff.reference import (
     NLDReference,
@@ -41,6 +41,8 @@ CASES = {  # case: (mode, parallel flags); LinearSpec at the oracle's fixed 32-t
     # block_size: auto (the default): rank 0's block size per round, broadcast to rank 1; AR's tokens
     "tp2-linearspec-auto": ("linearspec", ("--tp", "2", *METRICS)),
     "tp2-quadratic": ("quadratic", ("--tp", "2", *METRICS)),
+    # quadratic's auto: rank 0's round shape (block size and groups) broadcast to rank 1
+    "tp2-quadratic-auto": ("quadratic", ("--tp", "2", *METRICS)),
     # Two "nodes" (two launch_server processes, one TP rank each, gloo over loopback)
     "nodes2-ar": ("ar", ("--tp", "2", *NODES2, *METRICS)),
     "nodes2-linearspec": ("linearspec", ("--tp", "2", *NODES2, *METRICS)),
@@ -108,7 +110,7 @@ def parallel_server(request, server_pool, lora_checkpoint, merged_checkpoint, tm
     mode, flags = CASES[request.param]
     server_pool.stop_all()  # the two ranks take both cores; the pool restarts its servers on demand
     logs = tmp_path_factory.mktemp("parallel-logs")
-    extra = BLOCK32 if mode == "linearspec" and not request.param.endswith("auto") else ()
+    extra = () if request.param.endswith("auto") else {"linearspec": BLOCK32, "quadratic": BLOCK16}.get(mode, ())
     checkpoint = merged_checkpoint if request.param == MERGED else lora_checkpoint
     if "--nnodes" in flags:
         # One process per node, one TP rank each, one core each; each serves HTTP on its own port
@@ -233,6 +235,8 @@ def test_metrics_count_each_request_once(parallel_server, parallel_prompts):
     expected_kinds = {"linearspec": {"prefill", "draft", "verify"}, "quadratic": {"prefill", "quadratic"},
                       "fastdiffuser": {"prefill", "denoise", "refresh"}}[mode]
     if case.endswith("auto"):  # the policy may take AR steps only, blocks only, or both
+        if mode == "quadratic":  # and, in the quadratic mode, LinearSpec rounds
+            expected_kinds |= {"draft", "verify"}
         assert "prefill" in per_pass and set(per_pass) <= expected_kinds | {"ar_step"}
     else:
         assert set(per_pass) == expected_kinds

@@ -72,8 +72,7 @@ class NemodiffQuadratic(NemodiffLinearSpec):
                                     groups=k)
         tokens, logprobs = self._emitted(block, keep, bonus, sampling, lambda: fill.verify_logits)
         results = [RoundResult(passes=(("quadratic", 1),), tokens=keep_list[i], keep=keep_list[i],
-                               accepted=accepted_list[i] if had_drafts[i] else None,
-                               block_size=L, logprobs=logprobs[i],
+                               accepted=accepted_list[i], block_size=L, logprobs=logprobs[i],
                                record=record, next_drafts=tuple(drafts[i]), groups=k)
                    for i in range(bs)]
         return out.logits_output, tokens, None, results, out.can_run_graph
