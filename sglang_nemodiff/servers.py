@@ -132,14 +132,27 @@ class ManagedServer:
         while True:
             if self.proc is not None and self.proc.poll() is not None:
                 raise self._failure(f"exited with code {self.proc.returncode} before becoming healthy")
+            if self.port_taken():
+                # Another process holds the port (free_port's choice was taken before SGLang bound
+                # it): whatever answers there is not this server.
+                raise self._failure(f"could not bind port {self.port} (address already in use)")
             try:
                 if requests.get(self.url + "/health_generate", timeout=max(poll, 5.0)).status_code == 200:
+                    if self.port_taken():
+                        raise self._failure(f"could not bind port {self.port} (address already in use)")
                     return time.monotonic() - t0
             except requests.RequestException:
                 pass
             if time.monotonic() - t0 > timeout:
                 raise self._failure(f"not healthy after {timeout:.0f} s")
             time.sleep(poll)
+
+    def port_taken(self) -> bool:
+        """Whether this server's log says its HTTP port was already in use."""
+        if not self.log_path or not os.path.exists(self.log_path):
+            return False
+        with open(self.log_path, errors="replace") as f:
+            return f"address ('{self.host}', {self.port}): address already in use" in f.read()
 
     def _signal_group(self, sig: int) -> None:
         try:

@@ -137,16 +137,19 @@ class ServerPool:
             cores = os.environ.get("NEMODIFF_TEST_CORES", "").split(",") if os.environ.get(
                 "NEMODIFF_TEST_CORES") else [str(c) for c in range(os.cpu_count() or 1)]
             core = {"SGLANG_CPU_OMP_THREADS_BIND": cores[self.started % len(cores)]}
-            server = ManagedServer(model_path, algorithm, [*CPU_ARGS, *extra],
-                                   log_path=str(self.log_dir / name),
-                                   env={**os.environ, **SERVER_ENV, **core, **env})
             started = time.monotonic()
-            server.start()
-            try:
-                server.wait_ready(timeout=600)
-            except Exception:
-                server.stop()
-                raise
+            for attempt in range(3):
+                server = ManagedServer(model_path, algorithm, [*CPU_ARGS, *extra],
+                                       log_path=str(self.log_dir / name),
+                                       env={**os.environ, **SERVER_ENV, **core, **env})
+                server.start()
+                try:
+                    server.wait_ready(timeout=600)
+                    break
+                except Exception:
+                    server.stop()
+                    if attempt == 2 or not server.port_taken():
+                        raise  # a port another process took first: start again on another one
             self.starts.append((key, os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0],
                                 time.monotonic() - started))
             self.servers[key] = server

@@ -611,3 +611,20 @@ def test_server_that_dies_is_reported_with_log_tail(tmp_path):
                   "--out-dir", str(out), "--no-progress", "--concurrency", "1", "--no-chat-template"])
     assert rc == 1
     assert "server ar did not start" in (out / "speedbench.md").read_text()
+
+
+def test_a_server_whose_port_was_taken_is_not_taken_for_ready(tmp_path):
+    """free_port's port can be taken by another process before SGLang binds it; whatever then
+    answers there is not this server: wait_ready fails naming the port (the test pool starts
+    again on another port) instead of reporting it ready."""
+    from sglang_nemodiff.servers import ManagedServer, ServerStartError
+
+    log = tmp_path / "server.log"
+    server = ManagedServer("/nowhere", "ar", port=40871, log_path=str(log))
+    log.write_text("ready soon\n")
+    assert not server.port_taken()
+    log.write_text("ERROR:    [Errno 98] error while attempting to bind on address "
+                   "('127.0.0.1', 40871): address already in use\n")
+    assert server.port_taken()
+    with pytest.raises(ServerStartError, match="could not bind port 40871"):
+        server.wait_ready(timeout=5)
