@@ -34,7 +34,7 @@ def main() -> None:
                                                        "sglang_nemodiff", "smol-distill"))
     parser.add_argument("--n-prompts", type=int, default=0, help="0: all training prompts")
     parser.add_argument("--max-new-tokens", type=int, default=192)
-    parser.add_argument("--minutes", type=float, default=50.0)
+    parser.add_argument("--minutes", type=float, default=40.0)
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--blocks-per-step", type=int, default=16)

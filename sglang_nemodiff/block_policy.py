@@ -9,7 +9,8 @@ about to run, the B in {1, 2, 4, ..., max} that maximises expected committed tok
 
     bs · E[tokens | B] / (passes(B) · cost(bs · B) + overhead(bs))
 
-(for B = 1: E[tokens] = passes = ar_steps, each pass of bs query tokens)
+(for B = 1: E[tokens] = passes = ar_steps, each pass of bs query tokens; a B = 1 round stops
+once its requests reach their budgets, so it is priced at the steps it will take)
 
 - cost(n): seconds of one forward of n query tokens, from a table of timed forwards on the
   serving device (an exponential moving average per power-of-two bucket of n, interpolated
@@ -205,6 +206,7 @@ class _Round:
     requests: frozenset
     key: object  # the candidate the round ran (B here; (b, groups) for quadratic rounds)
     forward_seconds: float = 0.0
+    forwards: int = 0
     other_work: bool = False  # a prefill step ran before the next round (not a round's overhead)
 
 
@@ -307,11 +309,17 @@ class BlockSizePolicy:
         tokens each request of the batch may still generate, `request_ids` their ids."""
         out, overhead = [], self.model_overhead_s(batch_size)
         tokens = self.batch_tokens(budgets, request_ids)
+        # A B = 1 round stops once every request has its budget: with budgets under `ar_steps`
+        # it takes fewer steps and costs less (priced at a full round, AR steps lost every
+        # request's last round to a 2-token block on a model where blocks never pay).
+        steps = min(self.ar_steps, max(budgets)) if budgets else self.ar_steps
         for b in self.sizes:
             seconds = self.passes(b) * self.cost.cost(batch_size * self.query_tokens(b)) + overhead
             period = self.period.get(b)
             if period is not None and period.known(batch_size, PERIOD_TIMINGS):
                 seconds = batch_size * period.cost(batch_size)
+            if b == self.AR_KEY and steps < self.ar_steps:
+                seconds = overhead + max(seconds - overhead, 0.0) * steps / self.ar_steps
             out.append((b, batch_size * tokens[b] / max(seconds, 1e-9)))
         return out
 
@@ -358,6 +366,7 @@ class BlockSizePolicy:
         self.cost.observe(query_tokens, seconds)
         if self.current is not None:
             self.current.forward_seconds += seconds
+            self.current.forwards += 1
 
     def start_round(self, requests: frozenset, key, now: Optional[float] = None) -> None:
         """A block round begins. If it continues requests of the previous round with no prefill
@@ -365,7 +374,11 @@ class BlockSizePolicy:
         forwards its overhead. (Other gaps hold idle time or another request's prefill.)"""
         now = time.perf_counter() if now is None else now
         last = self.current
-        if last is not None and not last.other_work and last.requests & requests:
+        # A B = 1 round cut short (every request reached its budget or a stop before its last
+        # step) is not what a B = 1 round costs: `rates` prices the steps a round will take.
+        # (A round fed without its forwards' timings is taken as whole.)
+        short = last is not None and last.key == self.AR_KEY and 0 < last.forwards < self.ar_steps
+        if last is not None and not last.other_work and not short and last.requests & requests:
             period = now - last.started
             overhead = period - last.forward_seconds
             if 0.0 <= overhead <= 4 * last.forward_seconds + 0.05:  # not a stall of the process

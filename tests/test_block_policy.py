@@ -391,3 +391,62 @@ def test_ar_steps_never_stop_measuring_the_acceptance():
     assert all(r < EXPLORE_FLOOR * rates[1] for b, r in rates.items() if b != 1)
     assert [c.block_size for c in choices if c.reason == "explore"] == [runner_up] * 4
     assert {c.block_size for c in choices if c.reason == "policy"} == {1}
+
+
+def ar_step_policy(overhead=0.004, step=0.064, per_token=0.01):
+    """AR steps of 4 per round; a forward costs `step` plus a little per query token (a small
+    model on a CPU, as SmolLM2's: a 4-token forward costs 1.6 steps)."""
+    p = BlockSizePolicy(32, BLOCK_SIZES, ar_steps=4)
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        for _ in range(WARM_TIMINGS):
+            p.observe_forward(n, step + per_token * n)
+    for _ in range(50):
+        p.observe_round(8, [1, 2, 1, 0])  # the first draft accepted three times in four, few after
+    batch, now = frozenset({"a"}), 0.0
+    for _ in range(WARM_TIMINGS + 1):  # full AR-step rounds: four forwards each
+        p.start_round(batch, 1, now=now)
+        for _ in range(4):
+            p.observe_forward(1, step)
+        now += 4 * step + overhead
+    p.start_round(batch, 1, now=now)
+    p.rounds = 1
+    return p, now
+
+
+def test_an_ar_steps_round_is_priced_at_the_steps_it_will_take():
+    """A B = 1 round stops once its requests reach their budgets: with one token left it is one
+    step, not four. Priced at a full round it lost every request's last rounds to 2-token
+    blocks (the SmolLM2 sweep's log: B = 2 at batch 1 whenever the budget fell under 4)."""
+    p, _ = ar_step_policy()
+    full = 4 * 0.064 + 0.004
+    assert p.choose(1, budgets=[40]).block_size == 1
+    for budget in (1, 2, 3):
+        rates = dict(p.choose(1, budgets=[budget]).rates)
+        assert rates[1] == pytest.approx(budget / (0.004 + (full - 0.004) * budget / 4), rel=0.02)
+        assert p.choose(1, budgets=[budget]).block_size == 1
+        if budget < 3:  # negative control: at the full round's price, the 2-block would win
+            assert budget / full < rates[2]
+    # The batch's round takes the steps of its longest budget.
+    assert dict(p.choose(2, budgets=[1, 40]).rates)[1] == pytest.approx(
+        dict(p.choose(2, budgets=[40, 40]).rates)[1] / 4 * 2.5, rel=0.05)
+
+
+def test_a_cut_short_ar_steps_round_does_not_measure_the_period():
+    """A B = 1 round that took fewer than its steps (budgets, stops) is not a B = 1 round's
+    period; counted, its short period would make AR steps look cheaper than they are."""
+    p, now = ar_step_policy()
+    before = p.period[1].cost(1)
+    batch = frozenset({"a"})
+    for _ in range(5):
+        p.observe_forward(1, 0.064)  # one step, then the round ended
+        now += 0.064 + 0.004
+        p.start_round(batch, 1, now=now)
+    assert p.period[1].cost(1) == pytest.approx(before)
+    # Negative control: full rounds do move it.
+    for _ in range(5):
+        for _ in range(4):
+            p.observe_forward(1, 0.064)
+        now += 4 * 0.064 + 0.04
+        p.start_round(batch, 1, now=now)
+    assert p.period[1].cost(1) > before * 1.05
+
