@@ -10,7 +10,8 @@ about to run, the B in {1, 2, 4, ..., max} that maximises expected committed tok
     bs · E[tokens | B] / (passes(B) · cost(bs · B) + overhead(bs))
 
 (for B = 1: E[tokens] = passes = ar_steps, each pass of bs query tokens; a B = 1 round stops
-once its requests reach their budgets, so it is priced at the steps it will take)
+once its requests reach their budgets, so it is priced at the steps it will take, each
+forwarding the requests still in it)
 
 - cost(n): seconds of one forward of n query tokens, from a table of timed forwards on the
   serving device (an exponential moving average per power-of-two bucket of n, interpolated
@@ -309,19 +310,30 @@ class BlockSizePolicy:
         tokens each request of the batch may still generate, `request_ids` their ids."""
         out, overhead = [], self.model_overhead_s(batch_size)
         tokens = self.batch_tokens(budgets, request_ids)
-        # A B = 1 round stops once every request has its budget: with budgets under `ar_steps`
-        # it takes fewer steps and costs less (priced at a full round, AR steps lost every
-        # request's last round to a 2-token block on a model where blocks never pay).
-        steps = min(self.ar_steps, max(budgets)) if budgets else self.ar_steps
+        share = self.ar_round_share(batch_size, budgets)
         for b in self.sizes:
             seconds = self.passes(b) * self.cost.cost(batch_size * self.query_tokens(b)) + overhead
             period = self.period.get(b)
             if period is not None and period.known(batch_size, PERIOD_TIMINGS):
                 seconds = batch_size * period.cost(batch_size)
-            if b == self.AR_KEY and steps < self.ar_steps:
-                seconds = overhead + max(seconds - overhead, 0.0) * steps / self.ar_steps
+            if b == self.AR_KEY and share < 1.0:
+                seconds = overhead + max(seconds - overhead, 0.0) * share
             out.append((b, batch_size * tokens[b] / max(seconds, 1e-9)))
         return out
+
+    def ar_round_share(self, batch_size: int, budgets: Optional[Sequence[int]]) -> float:
+        """The share of a whole B = 1 round's steps (outside its overhead) that this batch's
+        round will run: a request leaves the round at its budget and each step forwards the
+        requests still in it, so with budgets under `ar_steps` the round is shorter and its
+        later steps narrower. Priced as a whole round, AR steps lost every request's last
+        rounds to 2-token blocks on a model where blocks never pay (SmolLM2 on a CPU; at
+        concurrency 16 requests of one length end together, whole batches with a step or two
+        left)."""
+        if not budgets or min(budgets) >= self.ar_steps:
+            return 1.0
+        full = self.cost.cost(batch_size) or 1e-9
+        steps = [sum(r > j for r in budgets) for j in range(self.ar_steps)]
+        return sum(self.cost.cost(n) / full for n in steps if n) / self.ar_steps
 
     def choose(self, batch_size: int, budgets: Optional[Sequence[int]] = None,
                request_ids: Optional[Sequence] = None) -> Choice:

@@ -426,9 +426,13 @@ def test_an_ar_steps_round_is_priced_at_the_steps_it_will_take():
         assert p.choose(1, budgets=[budget]).block_size == 1
         if budget < 3:  # negative control: at the full round's price, the 2-block would win
             assert budget / full < rates[2]
-    # The batch's round takes the steps of its longest budget.
+    # A batch's round runs to its longest budget; a request that left is not forwarded again.
+    o, cost = p.model_overhead_s(2), p.cost.cost
+    whole = 4 * cost(2) + o  # batch 2 has not run: the model
+    assert dict(p.choose(2, budgets=[40, 40]).rates)[1] == pytest.approx(2 * 4 / whole, rel=0.01)
+    share = (1 + 3 * cost(1) / cost(2)) / 4
     assert dict(p.choose(2, budgets=[1, 40]).rates)[1] == pytest.approx(
-        dict(p.choose(2, budgets=[40, 40]).rates)[1] / 4 * 2.5, rel=0.05)
+        2 * 2.5 / (o + (whole - o) * share), rel=0.01)
 
 
 def test_a_cut_short_ar_steps_round_does_not_measure_the_period():
