@@ -1,6 +1,6 @@
 """Train the draft adapter of SmolLM2-135M-Instruct in NLD form (one command, fixed seeds):
 
-    taskset -c 1 python launch/train_smol_draft.py            # ~90 min on one core of this CPU
+    taskset -c 1 python launch/train_smol_draft.py            # ~70 min on one core of this CPU
 
 Stages (cached in --work, so a rerun resumes after the last finished one):
 1. greedy chat answers of the model to the training prompts and to the held-out prompts
