@@ -132,17 +132,17 @@ class ManagedServer:
         while True:
             if self.proc is not None and self.proc.poll() is not None:
                 raise self._failure(f"exited with code {self.proc.returncode} before becoming healthy")
+            try:
+                healthy = requests.get(self.url + "/health_generate", timeout=max(poll, 5.0)).status_code == 200
+            except requests.RequestException:
+                healthy = False
             if self.port_taken():
                 # Another process holds the port (free_port's choice was taken before SGLang bound
-                # it): whatever answers there is not this server.
+                # it): whatever answers there is not this server. Read after the health check, so
+                # an answer from that other process is never taken for this server's.
                 raise self._failure(f"could not bind port {self.port} (address already in use)")
-            try:
-                if requests.get(self.url + "/health_generate", timeout=max(poll, 5.0)).status_code == 200:
-                    if self.port_taken():
-                        raise self._failure(f"could not bind port {self.port} (address already in use)")
-                    return time.monotonic() - t0
-            except requests.RequestException:
-                pass
+            if healthy:
+                return time.monotonic() - t0
             if time.monotonic() - t0 > timeout:
                 raise self._failure(f"not healthy after {timeout:.0f} s")
             time.sleep(poll)
