@@ -24,8 +24,9 @@ forwarding the requests still in it)
   algorithm's own, timed as the period between round starts minus the round's forwards, per
   power-of-two bucket of bs. Paid once per round, it is what makes large blocks pay at small
   batches.
-- Once a (batch-size bucket, B) pair has run, the measured period of its rounds (per request,
-  so batch sizes within a bucket compare) replaces that model: part of the work outside the
+- Once a (batch-size bucket, B) pair has run, the measured period of its rounds (kept per
+  request, so batch sizes within a bucket compare; read per round, linear in the batch size
+  between the measured buckets: `measured_seconds`) replaces that model: part of the work outside the
   forwards grows with B (slots allocated and freed, tokens committed), and the model, blind to
   it, would keep an over-rated large B chosen. The model is optimistic for the pairs not yet
   run, so the policy tries them and then knows.
@@ -107,8 +108,13 @@ class CostTable:
         return self.timings.get(self.bucket(n), 0) >= timings
 
     def cost(self, n: int) -> Optional[float]:
-        """Interpolated in log2(n) between measured buckets, linear in n beyond them (the slope
-        of the last two), flat below the first."""
+        """Interpolated in log2(n) between measured buckets, linear in n beyond them, flat below
+        the first. Beyond them the slope is the larger of the last two buckets' and the whole
+        table's: two neighbouring timings can be level or inverted by noise (a CPU forward of
+        128 tokens timed no cheaper than one of 64), and a flat extrapolation rated every
+        larger block as free, so it ran once at each new batch size before its cost was known;
+        where forwards really are flat (a GPU well below its compute bound) both slopes are
+        near zero."""
         if not self.seconds:
             return None
         x = math.log2(max(n, 1))
@@ -118,10 +124,12 @@ class CostTable:
         for (x0, y0), (x1, y1) in zip(points, points[1:]):
             if x <= x1:
                 return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-        (x0, y0), (x1, y1) = (points[-2], points[-1]) if len(points) > 1 else (points[-1], points[-1])
-        n0, n1 = 2 ** x0, 2 ** x1
-        slope = (y1 - y0) / (n1 - n0) if n1 > n0 else y1 / n1  # one point: proportional
-        return y1 + max(slope, 0.0) * (n - n1)
+        x1, y1 = points[-1]
+        n1 = 2 ** x1
+        if len(points) == 1:
+            return y1 * n / n1  # one point: proportional
+        slopes = [(y1 - y) / (n1 - 2 ** x) for x, y in (points[-2], points[0])]
+        return y1 + max(max(slopes), 0.0) * (n - n1)
 
 
 @dataclass
@@ -312,14 +320,34 @@ class BlockSizePolicy:
         tokens = self.batch_tokens(budgets, request_ids)
         share = self.ar_round_share(batch_size, budgets)
         for b in self.sizes:
-            seconds = self.passes(b) * self.cost.cost(batch_size * self.query_tokens(b)) + overhead
-            period = self.period.get(b)
-            if period is not None and period.known(batch_size, PERIOD_TIMINGS):
-                seconds = batch_size * period.cost(batch_size)
+            seconds = self.measured_seconds(b, batch_size)
+            if seconds is None:
+                seconds = self.passes(b) * self.cost.cost(batch_size * self.query_tokens(b)) + overhead
             if b == self.AR_KEY and share < 1.0:
                 seconds = overhead + max(seconds - overhead, 0.0) * share
             out.append((b, batch_size * tokens[b] / max(seconds, 1e-9)))
         return out
+
+    def measured_seconds(self, key, batch_size: int) -> Optional[float]:
+        """Seconds of a round of `key` for `batch_size` requests from its measured periods, or
+        None while the batch size's bucket has not run it `PERIOD_TIMINGS` times. Between the
+        measured batch sizes a round's time is interpolated linearly in the batch size (a fixed
+        part plus a part per request); interpolating the per-request period in log2 of the batch
+        size instead rated a round of 12 requests between measured rounds of 4 and 16 ~30% dear,
+        and AR steps lost to 2-token blocks that ran slower. Beyond them: proportional (the
+        per-request period of the nearest). Only buckets timed `PERIOD_TIMINGS` times are read:
+        one round's figure can be an outlier."""
+        table = self.period.get(key)
+        if table is None or not table.known(batch_size, PERIOD_TIMINGS):
+            return None
+        points = sorted((2 ** b, 2 ** b * per) for b, per in table.seconds.items()
+                        if table.timings.get(b, 0) >= PERIOD_TIMINGS)
+        if batch_size <= points[0][0]:
+            return batch_size * points[0][1] / points[0][0]
+        for (n0, t0), (n1, t1) in zip(points, points[1:]):
+            if batch_size <= n1:
+                return t0 + (t1 - t0) * (batch_size - n0) / (n1 - n0)
+        return batch_size * points[-1][1] / points[-1][0]
 
     def ar_round_share(self, batch_size: int, budgets: Optional[Sequence[int]]) -> float:
         """The share of a whole B = 1 round's steps (outside its overhead) that this batch's

@@ -147,3 +147,84 @@ def test_ar_steps_sample_ar_distribution(server_pool, bundled, ar_steps_config):
     assert all(meta(o, "nemodiff_blocks_per_size") == {"1": 2} for o in out)
     assert outside == 0 and pvalue > 1e-3 and right > 1e-3
     assert wrong < 1e-6
+
+
+def test_arrivals_probe_sees_a_request_without_receiving_it():
+    """The probe a round of AR steps asks after each step (patches/dllm_arrivals.py), on a real
+    zmq PULL socket like the scheduler's: a message waiting is seen and left there; nothing is
+    seen while requests already wait for room in the scheduler's queue."""
+    from types import SimpleNamespace
+
+    import zmq
+
+    from sglang_nemodiff.patches.dllm_arrivals import Arrivals
+
+    context = zmq.Context()
+    pull, push = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    try:
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.connect(f"tcp://127.0.0.1:{port}")
+        scheduler = SimpleNamespace(waiting_queue=[])
+        probe = Arrivals(scheduler, pull)
+        assert not probe()
+        push.send_pyobj("request")
+        deadline = time.monotonic() + 10
+        while not probe() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert probe() and probe()  # seen, not consumed
+        scheduler.waiting_queue.append("queued")
+        assert not probe()
+        scheduler.waiting_queue.clear()
+        assert pull.recv_pyobj(zmq.NOBLOCK) == "request"
+        assert not probe()
+    finally:
+        pull.close(0)
+        push.close(0)
+        context.term()
+
+
+def _streamed_lengths(server, ids, max_new_tokens):
+    """Output lengths after each streamed chunk of a greedy /generate (one chunk per round)."""
+    import json
+
+    lengths, last = [], None
+    with requests.post(server.url + "/generate", stream=True, timeout=300, json={
+            "input_ids": ids, "stream": True, "sampling_params": {
+                "temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}}) as response:
+        for line in response.iter_lines():
+            if line.startswith(b"data:") and line != b"data: [DONE]":
+                last = json.loads(line[5:])
+                lengths.append(len(last["output_ids"]))
+    return lengths, last
+
+
+@pytest.mark.slow
+def test_a_request_arriving_mid_round_cuts_the_round(server_pool, bundled, ar_steps_config):
+    """Rounds of 8 AR steps: a request streamed alone gets its tokens 1 + 8k at a time (the
+    prefill's token, then whole rounds: the control, which shows the check can fail); requests
+    sent while it streams end its round after the step that saw them (patches/
+    dllm_arrivals.py), so some chunk ends off that grid, and every answer still equals AR."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sglang_nemodiff.reference import ar_generate
+
+    path, reference = bundled
+    server = server_pool.get(path, "linearspec", "--algorithm-config", ar_steps_config)
+    rng = random.Random(11)
+    long_prompt = [rng.randrange(200, VOCAB) for _ in range(40)]
+    new = 400
+    alone, _ = _streamed_lengths(server, long_prompt, new)
+    assert all((n - 1) % 8 == 0 for n in alone[:-1]), alone
+    short_prompts = [[rng.randrange(200, VOCAB) for _ in range(20)] for _ in range(6)]
+    with ThreadPoolExecutor(2) as pool:
+        streamed = pool.submit(_streamed_lengths, server, long_prompt, new)
+        short = []
+        for ids in short_prompts:
+            time.sleep(0.1)
+            short.append(generate_many(server, [ids], 4)[0])
+        lengths, last = streamed.result()
+    print(f"chunks alone: {alone[:8]}...; with arrivals: {lengths}")
+    assert any((n - 1) % 8 for n in lengths[:-1]), lengths
+    assert last["output_ids"] == ar_generate(reference, long_prompt, new, eos_id=None).tokens
+    for ids, response in zip(short_prompts, short):
+        assert response["output_ids"] == ar_generate(reference, ids, 4, eos_id=EOS).tokens

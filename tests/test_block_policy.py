@@ -85,6 +85,21 @@ def test_cost_table_interpolates_and_extrapolates():
     assert 2.0 < t.cost(4) < 4.0
 
 
+def test_cost_past_the_table_is_not_flat_when_only_the_last_two_timings_are_level():
+    """A CPU forward of 128 tokens timed no cheaper than one of 64 (noise, or a moving average
+    behind) made every larger forward look as cheap, so a 16-token block at batch 14 (224
+    tokens) was rated free and ran. Past the table the slope is at least the whole table's;
+    where the whole table is flat (a GPU) it stays flat."""
+    t = CostTable()
+    for n, seconds in ((16, 1.0), (64, 2.0), (128, 2.0)):
+        t.observe(n, seconds)
+    assert t.cost(256) == pytest.approx(2.0 + (2.0 - 1.0) / (128 - 16) * 128)
+    flat = CostTable()
+    for n in (16, 64, 128):
+        flat.observe(n, 1.0)
+    assert flat.cost(4096) == pytest.approx(1.0)
+
+
 def test_a_cold_first_timing_does_not_stick():
     """The first forward of a shape pays one-time costs (allocation, a first kernel call): the
     sweep repeats each B until it is timed warm, so a cold figure cannot keep B = 32 unchosen
@@ -260,6 +275,26 @@ def test_measured_round_period_replaces_the_model():
     # Not run at this batch size yet: rated by the model, whose overhead is now the measured one.
     model = dict(policy(lambda n: 1e-4 * max(n, 64), [7, 7, 7, 7]).rates(8))
     assert rates[16] != model[16]
+
+
+def test_measured_periods_interpolate_per_round_linearly_in_the_batch_size():
+    """Rounds of AR steps measured at batches of 2 and 16 (a round's time: a fixed part plus a
+    part per request, 0.2 + 0.04 bs seconds): a batch of 12 is rated at that line's 0.68 s.
+    Interpolated per request in log2 of the batch size it was rated 0.78 s, ~14% dear (on
+    SmolLM2, ~30% with the buckets measured there), and 2-token blocks that ran slower won.
+    A bucket timed once (an outlier round) is not read; beyond the measured batch sizes the
+    nearest per-request period scales."""
+    p = policy(lambda n: 1e-3 * n, [0, 0, 0, 0])
+    table = p.period.setdefault(1, CostTable())
+    for bs in (2, 16):
+        for _ in range(WARM_TIMINGS):
+            table.observe(bs, (0.2 + 0.04 * bs) / bs)
+    table.observe(4, 0.5)  # one round, far off the line
+    assert p.measured_seconds(1, 12) == pytest.approx(0.2 + 0.04 * 12)
+    assert dict(p.rates(12))[1] == pytest.approx(12 / (0.2 + 0.04 * 12))
+    assert p.measured_seconds(1, 20) == pytest.approx(20 * (0.2 + 0.04 * 16) / 16)
+    assert p.measured_seconds(1, 6) is None  # its bucket (8) not measured: the model rates it
+    assert p.measured_seconds(2, 12) is None
 
 
 def test_exploration_visits_every_other_size_smaller_ones_too(monkeypatch):

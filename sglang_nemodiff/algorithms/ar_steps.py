@@ -14,6 +14,12 @@ after penalties (counting the round's earlier tokens as generated) and the gramm
 exactly what AR decoding computes at that position. A row leaves the loop once it emits a stop
 token, reaches its max_new_tokens or its grammar terminates; the slots it did not reach are
 freed by the KV stash (`keep`), as LinearSpec's rejected drafts are.
+
+The round ends early after a step in which a request reached the scheduler (`arrivals`,
+patches/dllm_arrivals.py): SGLang admits requests between batches, so a request arriving during
+a round of `ar_steps` steps would wait for all of them, where SGLang's decode loop admits it
+after one step. Ending the round there changes no token: each row keeps the steps it took and
+its last token is the next round's seed.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ def run_ar_steps(algorithm, model_runner, forward_batch, block: torch.Tensor,
     bs, B = block.shape
     device = block.device
     reqs = algorithm.round_reqs
+    arrivals = getattr(algorithm, "arrivals", None)  # a request reached the scheduler: end here
     budgets = row_budgets(reqs, bs, B)
     stops = row_stop_tokens(reqs, bs)
     keep = torch.zeros(bs, dtype=torch.int64, device=device)
@@ -101,7 +108,7 @@ def run_ar_steps(algorithm, model_runner, forward_batch, block: torch.Tensor,
             if not done:
                 still.append(row)
         live = still
-        if not live:
+        if not live or (arrivals is not None and arrivals()):
             break
     logits = None
     if step_logits is not None:

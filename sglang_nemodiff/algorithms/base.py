@@ -94,6 +94,9 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         super().__init__(config)
         self.settings = AlgorithmSettings.from_mapping(config.algorithm_config)
         self.round_reqs: Optional[list] = None  # set before every run (dllm_round_requests)
+        # Whether a request has arrived at the scheduler (patches/dllm_arrivals.py; None where
+        # rounds must not be cut): a round of AR steps ends after the step that sees one.
+        self.arrivals = None
         self.eos_id: Optional[int] = None
         self.timer = ForwardTimer()
         # (query tokens, seconds) of the current round's forwards, when its plan is timed.

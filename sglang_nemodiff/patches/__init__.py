@@ -20,6 +20,7 @@ MODULES = (
     "dllm_req_fill_ids",
     "dllm_block_positions",
     "dllm_round_requests",
+    "dllm_arrivals",
     "dllm_scheduler_result",
     "dllm_scheduler_stash",
     "dllm_scheduler_finish",
