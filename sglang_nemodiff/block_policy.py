@@ -349,6 +349,21 @@ class BlockSizePolicy:
                 return t0 + (t1 - t0) * (batch_size - n0) / (n1 - n0)
         return batch_size * points[-1][1] / points[-1][0]
 
+    def steps_worth_a_round(self, batch_size: int) -> Optional[int]:
+        """The fewest AR steps left in a round for which ending it when a request arrives pays
+        (None: none within a round). Left running, the round keeps the arrival out for those
+        steps with its batch slot empty, a loss of steps · cost(bs) / bs of the batch's time
+        where a forward costs about the same with one request less; ended, the batch pays one
+        more round's overhead. On SmolLM2 on this CPU a step at batch 16 is ~170 ms and a round's
+        overhead ~10 ms: one step left pays. On the 3.8M-parameter bundled model a step costs
+        about a round's overhead: at concurrency 32 arrivals every few ms would end every round
+        after one step and pay the overhead per token that AR steps exist to spread."""
+        step = self.cost.cost(batch_size)
+        if not step:
+            return 1
+        steps = max(1, math.ceil(self.overhead_s(batch_size) * batch_size / step))
+        return steps if steps < self.ar_steps else None
+
     def ar_round_share(self, batch_size: int, budgets: Optional[Sequence[int]]) -> float:
         """The share of a whole B = 1 round's steps (outside its overhead) that this batch's
         round will run: a request leaves the round at its budget and each step forwards the
@@ -545,9 +560,15 @@ class RoundBlockSize:
             return layout.tokens
         return self.ar_slots if block_size == 1 else block_size
 
-    def plan(self, block_size: int, groups: Optional[int] = None) -> RoundPlan:
-        """The plan of a round of this shape (the one begin_round chose, or rank 0's)."""
+    def plan(self, block_size: int, groups: Optional[int] = None,
+             batch_size: Optional[int] = None) -> RoundPlan:
+        """The plan of a round of this shape (the one begin_round chose, or rank 0's) for
+        `batch_size` requests."""
+        yield_steps = 1
+        if block_size == 1 and self.timed and batch_size:
+            yield_steps = self.policy.steps_worth_a_round(batch_size)
         return RoundPlan(block_size=block_size, slots=self.slots(block_size, groups),
+                         yield_steps_left=yield_steps,
                          timed=self.timed, layout=self.layout(block_size, groups))
 
     def observe(self, record: RoundRecord) -> None:

@@ -26,6 +26,9 @@ class RoundPlan:
     timed: bool  # the policy chooses B (`block_size: auto`): forwards are timed for it
     # A quadratic round's shape (quadratic_layout.py; its slots are layout.tokens); None otherwise.
     layout: Optional[QuadraticLayout] = None
+    # AR steps: the round ends after a step in which a request arrived if at least this many of
+    # its steps were left (block_policy.py: steps_worth_a_round); None: it runs all its steps.
+    yield_steps_left: Optional[int] = 1
 
     @property
     def ar_steps(self) -> bool:

@@ -489,3 +489,31 @@ def test_a_cut_short_ar_steps_round_does_not_measure_the_period():
         p.start_round(batch, 1, now=now)
     assert p.period[1].cost(1) > before * 1.05
 
+
+
+def test_ending_ar_steps_at_an_arrival_pays_only_where_a_step_outweighs_a_round():
+    """A request arriving during a round of AR steps waits out its remaining steps with its
+    batch slot empty (steps · cost(bs) / bs of the batch's time); ending the round costs one
+    round's overhead. A SmolLM2-like forward (170 ms at batch 16, 10 ms overhead) yields with one
+    step left; a bundled-model-like one (8 ms at batch 32, 6 ms overhead) never does, nor at
+    batch 4 (4 ms, 5 ms); a lone request does with 2 steps left. The plan carries it; a round
+    the policy did not choose (a fixed cycle, tests) always yields."""
+    def policy_with(step_s, overhead_s, bs):
+        p = BlockSizePolicy(32, BLOCK_SIZES, ar_steps=4)
+        for _ in range(WARM_TIMINGS):
+            p.observe_forward(bs, step_s)
+            p.overhead.observe(bs, overhead_s)
+        return p
+
+    assert policy_with(0.170, 0.010, 16).steps_worth_a_round(16) == 1
+    assert policy_with(0.008, 0.006, 32).steps_worth_a_round(32) is None
+    assert policy_with(0.004, 0.005, 4).steps_worth_a_round(4) is None
+    assert policy_with(0.004, 0.006, 1).steps_worth_a_round(1) == 2
+    auto = RoundBlockSize(AlgorithmSettings(), 32, "linearspec")
+    for _ in range(WARM_TIMINGS):
+        auto.policy.observe_forward(32, 0.008)
+        auto.policy.overhead.observe(32, 0.006)
+    assert auto.plan(1, batch_size=32).yield_steps_left is None
+    assert auto.plan(1).yield_steps_left == 1
+    cycle = RoundBlockSize(AlgorithmSettings(block_size_cycle=(1,)), 32, "linearspec")
+    assert cycle.plan(1, batch_size=32).yield_steps_left == 1

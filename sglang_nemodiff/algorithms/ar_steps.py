@@ -16,10 +16,11 @@ token, reaches its max_new_tokens or its grammar terminates; the slots it did no
 freed by the KV stash (`keep`), as LinearSpec's rejected drafts are.
 
 The round ends early after a step in which a request reached the scheduler (`arrivals`,
-patches/dllm_arrivals.py): SGLang admits requests between batches, so a request arriving during
-a round of `ar_steps` steps would wait for all of them, where SGLang's decode loop admits it
-after one step. Ending the round there changes no token: each row keeps the steps it took and
-its last token is the next round's seed.
+patches/dllm_arrivals.py) when enough of its steps are left for that to pay (the plan's
+`yield_steps_left`, decided by the block policy): SGLang admits requests between batches, so a
+request arriving during a round of `ar_steps` steps would wait for all of them, where SGLang's
+decode loop admits it after one step. Ending the round there changes no token: each row keeps
+the steps it took and its last token is the next round's seed.
 """
 
 from __future__ import annotations
@@ -62,12 +63,15 @@ def row_stop_tokens(reqs, bs: int) -> list:
 
 
 def run_ar_steps(algorithm, model_runner, forward_batch, block: torch.Tensor,
-                 sampling: BatchSampling) -> ARSteps:
-    """Up to B AR steps over block [bs, B] (slot 0 holds the seed; slots are filled in place)."""
+                 sampling: BatchSampling, yield_steps_left: Optional[int] = 1) -> ARSteps:
+    """Up to B AR steps over block [bs, B] (slot 0 holds the seed; slots are filled in place);
+    ended after a step in which a request arrived if `yield_steps_left` or more were left."""
     bs, B = block.shape
     device = block.device
     reqs = algorithm.round_reqs
-    arrivals = getattr(algorithm, "arrivals", None)  # a request reached the scheduler: end here
+    arrivals = getattr(algorithm, "arrivals", None)  # whether a request reached the scheduler
+    if yield_steps_left is None:
+        arrivals = None
     budgets = row_budgets(reqs, bs, B)
     stops = row_stop_tokens(reqs, bs)
     keep = torch.zeros(bs, dtype=torch.int64, device=device)
@@ -108,7 +112,7 @@ def run_ar_steps(algorithm, model_runner, forward_batch, block: torch.Tensor,
             if not done:
                 still.append(row)
         live = still
-        if not live or (arrivals is not None and arrivals()):
+        if not live or (arrivals is not None and B - (j + 1) >= yield_steps_left and arrivals()):
             break
     logits = None
     if step_logits is not None:

@@ -184,7 +184,8 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         self._forward_times = [] if plan.timed else None
         block = forward_batch.input_ids.view(bs, block_size)
         if self.takes_ar_steps and plan.ar_steps:
-            return self._ar_round(model_runner, forward_batch, block, sampling, started)
+            return self._ar_round(model_runner, forward_batch, block, sampling, started,
+                                  plan.yield_steps_left)
         return self._block_round(model_runner, forward_batch, plan, sampling, started)
 
     def _block_round(self, model_runner, forward_batch: ForwardBatch, plan: RoundPlan,
@@ -256,9 +257,9 @@ class NLDBlockAlgorithm(DllmAlgorithm):
                            accepted=accepted)
 
     def _ar_round(self, model_runner, forward_batch, block, sampling: BatchSampling,
-                  started: float) -> DllmRunOutput:
+                  started: float, yield_steps_left: Optional[int]) -> DllmRunOutput:
         bs = block.shape[0]
-        steps = run_ar_steps(self, model_runner, forward_batch, block, sampling)
+        steps = run_ar_steps(self, model_runner, forward_batch, block, sampling, yield_steps_left)
         tokens, logprobs = self._emitted(block, steps.keep, steps.bonus, sampling, lambda: steps.logits)
         keep_list = steps.keep.tolist()
         record = self._round_record(started, 1, None)

@@ -62,7 +62,7 @@ def _decide(dllm_config):
     decoding = [r for r in queued if r.output_ids][:dllm_config.max_running_requests]
     batch = max(len(decoding), 1)
     choice = planner.begin_round(batch, [_budget(r) for r in decoding], [r.rid for r in decoding])
-    return planner.plan(*_broadcast(choice.block_size, choice.groups))
+    return planner.plan(*_broadcast(choice.block_size, choice.groups), batch_size=batch)
 
 
 def _budget(req) -> int:
