@@ -333,8 +333,8 @@ class BlockSizePolicy:
         None while the batch size's bucket has not run it `PERIOD_TIMINGS` times. Between the
         measured batch sizes a round's time is interpolated linearly in the batch size (a fixed
         part plus a part per request); interpolating the per-request period in log2 of the batch
-        size instead rated a round of 12 requests between measured rounds of 4 and 16 ~30% dear,
-        and AR steps lost to 2-token blocks that ran slower. Beyond them: proportional (the
+        size instead rated a round of 12 requests between measured rounds of 4 and 16 well above
+        its cost, and AR steps lost to 2-token blocks that ran slower (docs/perf-real.md). Beyond them: proportional (the
         per-request period of the nearest). Only buckets timed `PERIOD_TIMINGS` times are read:
         one round's figure can be an outlier."""
         table = self.period.get(key)
@@ -354,10 +354,10 @@ class BlockSizePolicy:
         (None: none within a round). Left running, the round keeps the arrival out for those
         steps with its batch slot empty, a loss of steps · cost(bs) / bs of the batch's time
         where a forward costs about the same with one request less; ended, the batch pays one
-        more round's overhead. On SmolLM2 on this CPU a step at batch 16 is ~170 ms and a round's
-        overhead ~10 ms: one step left pays. On the 3.8M-parameter bundled model a step costs
-        about a round's overhead: at concurrency 32 arrivals every few ms would end every round
-        after one step and pay the overhead per token that AR steps exist to spread."""
+        more round's overhead. Where a step costs many rounds' overhead (SmolLM2 on a CPU) one
+        step left pays; where a step costs about a round's overhead (the bundled model) it never
+        does: at high concurrency arrivals would end every round after one step and pay the
+        overhead per token that AR steps exist to spread (docs/perf.md, runs R1-R2)."""
         step = self.cost.cost(batch_size)
         if not step:
             return 1

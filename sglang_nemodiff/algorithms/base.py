@@ -95,7 +95,8 @@ class NLDBlockAlgorithm(DllmAlgorithm):
         self.settings = AlgorithmSettings.from_mapping(config.algorithm_config)
         self.round_reqs: Optional[list] = None  # set before every run (dllm_round_requests)
         # Whether a request has arrived at the scheduler (patches/dllm_arrivals.py; None where
-        # rounds must not be cut): a round of AR steps ends after the step that sees one.
+        # rounds must not be cut): a round of AR steps ends after the step that sees one, when
+        # its plan says enough steps were left for that to pay (`yield_steps_left`).
         self.arrivals = None
         self.eos_id: Optional[int] = None
         self.timer = ForwardTimer()

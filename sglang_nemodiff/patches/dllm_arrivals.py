@@ -3,9 +3,10 @@
 SGLang's scheduler receives new requests between batches. A round of AR steps (algorithms/
 ar_steps.py) is one batch of up to `ar_steps` decode steps, so a request that arrives during it
 waits for the whole round before its prefill, where SGLang's own decode loop takes it after one
-step: at concurrency 16 on a 64-token answer that wait was a few percent of every request's time.
+step (docs/perf-real.md: what it cost SmolLM2 at concurrency 16).
 The scheduler hands the algorithm a probe (`Arrivals`) that looks at the scheduler's input
-socket without receiving from it; the round ends after the step in which it saw a request.
+socket without receiving from it; the round ends after the step in which it saw a request, if
+the plan says enough steps were left for that to pay (block_policy.py: steps_worth_a_round).
 
 Only where one process decides alone: tensor-parallel ranks must run the same steps (rank 0
 alone reads the socket), so under TP or PP the probe is not installed. Not while requests
