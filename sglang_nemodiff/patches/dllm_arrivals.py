@@ -26,15 +26,16 @@ class Arrivals:
     """Whether a request reached the scheduler's input since it last received."""
 
     def __init__(self, scheduler, socket):
-        self.scheduler = scheduler
-        self.socket = socket
-
-    def __call__(self) -> bool:
         import zmq
 
+        self.scheduler = scheduler
+        self.socket = socket
+        self.pollin = zmq.POLLIN  # asked after every AR step: nothing to look up there
+
+    def __call__(self) -> bool:
         if self.scheduler.waiting_queue:
             return False
-        return bool(self.socket.poll(0, zmq.POLLIN))
+        return bool(self.socket.poll(0, self.pollin))
 
 
 def arrivals_probe(scheduler):
